@@ -1,0 +1,110 @@
+"""The exception root of iosea-wf, its subclasses, and the exit-code table.
+
+Every error a user can cause or meet is an :class:`IoseaError`. The CLI catches it once, prints
+its message plainly (no traceback) and exits with its ``exit_code``. Nothing below the CLI calls
+``sys.exit``.
+"""
+
+from __future__ import annotations
+
+# The documented exit codes (README "Exit codes" mirrors this table).
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the requested work ran and failed (a step, a data mover)
+EXIT_USAGE = 2  # bad command line or invalid WDF: nothing was done
+EXIT_SITE = 3  # the site inventory is missing or invalid
+EXIT_NOT_FOUND = 4  # no such session / step for this user
+EXIT_CONFLICT = 5  # the session's state forbids it (exists already, not active, ...)
+EXIT_RESOURCES = 6  # the datanodes cannot hold what is asked
+EXIT_ORCHESTRATION = 7  # provisioning or tearing down a service failed
+EXIT_SLURM = 8  # Slurm refused or is unreachable
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success",
+    EXIT_FAILURE: "the work ran and failed (step or data mover not COMPLETED)",
+    EXIT_USAGE: "bad command line or invalid WDF; nothing was done",
+    EXIT_SITE: "site inventory missing or invalid",
+    EXIT_NOT_FOUND: "no such session or step for this user",
+    EXIT_CONFLICT: "the session's state forbids the command (duplicate name, not active, ...)",
+    EXIT_RESOURCES: "not enough datanode resources for the requested services",
+    EXIT_ORCHESTRATION: "provisioning or tearing down an ephemeral service failed",
+    EXIT_SLURM: "Slurm refused the request or is unreachable",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+
+class IoseaError(Exception):
+    """Root of every error iosea-wf reports to a user."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, *, details: list[str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = list(details or [])
+
+    def __str__(self) -> str:
+        if not self.details:
+            return self.message
+        return self.message + "\n" + "\n".join(f"  {d}" for d in self.details)
+
+
+class UsageError(IoseaError):
+    """Raised when the command line is incomplete or malformed."""
+
+    exit_code = EXIT_USAGE
+
+
+class WDFError(IoseaError):
+    """Raised when a Workflow Description File cannot be read or does not validate.
+
+    ``problems`` holds every problem found (all of them, not the first one).
+    """
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, problems: list | None = None):
+        self.problems = list(problems or [])
+        super().__init__(message, details=[str(p) for p in self.problems])
+
+
+class SiteError(IoseaError):
+    """Raised when the site inventory is missing, unreadable or inconsistent."""
+
+    exit_code = EXIT_SITE
+
+
+class SessionNotFound(IoseaError):
+    """Raised when the user has no session (or step) of the given name."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class SessionConflict(IoseaError):
+    """Raised when a session's name or state forbids the command."""
+
+    exit_code = EXIT_CONFLICT
+
+
+class ResourcesUnavailable(IoseaError):
+    """Raised when no datanode has room for a service's flavor."""
+
+    exit_code = EXIT_RESOURCES
+
+
+class OrchestrationError(IoseaError):
+    """Raised when an Ansible run that provisions or tears down services fails."""
+
+    exit_code = EXIT_ORCHESTRATION
+
+
+class SlurmError(IoseaError):
+    """Raised when a Slurm command fails or slurmctld cannot be reached."""
+
+    exit_code = EXIT_SLURM
+
+
+class WorkFailed(IoseaError):
+    """Raised when waited-for work (a step, a data mover) ended in another state than COMPLETED."""
+
+    exit_code = EXIT_FAILURE
