@@ -152,7 +152,9 @@ _SITE_VARS = vol.Schema(
         vol.Required("iosea_tiers"): vol.All(
             {_NAME: {vol.Required("path"): str, vol.Required("tool"): _NAME}}, vol.Length(min=1)
         ),
-        vol.Required("iosea_datamover_tools"): {_NAME: {vol.Required("command"): vol.All([str], vol.Length(min=1))}},
+        vol.Required("iosea_datamover_tools"): {
+            _NAME: {vol.Required("command"): vol.All([str], vol.Length(min=1))}
+        },
     },
     extra=vol.ALLOW_EXTRA,
 )
@@ -243,7 +245,9 @@ def load_site(explicit: str | os.PathLike | None = None) -> Site:
     for name, spec in v["iosea_modules"].items():
         nodes = tuple(groups.get(name, []))
         if not nodes:
-            problems.append(f"module {name!r} has no compute nodes (add hosts to the inventory group {name!r})")
+            problems.append(
+                f"module {name!r} has no compute nodes (add hosts to the inventory group {name!r})"
+            )
         modules[name] = Module(name=name, partition=spec["partition"], nodes=nodes)
 
     datanodes = {}
@@ -265,7 +269,9 @@ def load_site(explicit: str | os.PathLike | None = None) -> Site:
         problems.append(f"the inventory group {DATANODES_GROUP!r} has no hosts")
 
     flavors = {n: Flavor(name=n, **spec) for n, spec in v["iosea_flavors"].items()}
-    tools = {n: MoverTool(name=n, command=tuple(spec["command"])) for n, spec in v["iosea_datamover_tools"].items()}
+    tools = {
+        n: MoverTool(name=n, command=tuple(spec["command"])) for n, spec in v["iosea_datamover_tools"].items()
+    }
     tiers = {}
     for name, spec in v["iosea_tiers"].items():
         if spec["tool"] not in tools:

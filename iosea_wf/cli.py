@@ -1,0 +1,393 @@
+"""The ``iosea-wf`` command line: parsing and printing only.
+
+Both forms work: the design note's ``KEY=VALUE`` words (``WORKFLOW=wdf.yaml SESSION=s1 NS1=/data``)
+and conventional options (``-w wdf.yaml -s s1 -d NS1=/data``). Every error is an
+:class:`~iosea_wf.errors.IoseaError` caught here once and turned into its documented exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import sys
+from typing import Any
+
+from . import manager
+from .errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, IoseaError, UsageError
+
+PROG = "iosea-wf"
+KEYWORDS = {"WORKFLOW": "workflow", "SESSION": "session", "STEP": "step"}
+ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
+
+EXIT_TABLE = "exit codes:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES.items())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so one place maps errors to exit codes."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted both before and after the subcommand."""
+    default = argparse.SUPPRESS if suppress else None
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("common options")
+    g.add_argument(
+        "--site",
+        metavar="DIR",
+        default=default,
+        help="site inventory directory (env IOSEA_WF_SITE; default: local)",
+    )
+    g.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=default,
+        help="where sessions are recorded (env IOSEA_WF_HOME; default: $XDG_STATE_HOME/iosea-wf)",
+    )
+    g.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS if suppress else False, help="print JSON"
+    )
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS if suppress else 0,
+        help="show Ansible's output",
+    )
+    return p
+
+
+def _assignments(p: argparse.ArgumentParser, *, workflow=False, session=False, step=False) -> None:
+    if workflow:
+        p.add_argument(
+            "-w", "--workflow", metavar="FILE", help="the Workflow Description File (or WORKFLOW=FILE)"
+        )
+    if session:
+        p.add_argument("-s", "--session", metavar="NAME", help="the session name (or SESSION=NAME)")
+    if step:
+        p.add_argument("-t", "--step", metavar="STEP", help="the step name (or STEP=NAME)")
+    if workflow:
+        p.add_argument(
+            "-d",
+            "--define",
+            metavar="NAME=value",
+            action="append",
+            default=[],
+            help="give a WDF variable (or plain NAME=value)",
+        )
+    p.add_argument("words", nargs="*", metavar="KEY=VALUE", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    common = _common_options(suppress=False)
+    sub_common = _common_options(suppress=True)
+    parser = _Parser(
+        prog=PROG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Drive a session of an HPC workflow described in a Workflow Description File (WDF):\n"
+            "ephemeral I/O services on datanodes, data movers and Slurm steps.\n\n"
+            "  iosea-wf validate WORKFLOW=wdf.yaml NS1=/data/ns1\n"
+            "  iosea-wf start WORKFLOW=wdf.yaml SESSION=s1 NS1=/data/ns1 NS2=/data/ns2\n"
+            "  iosea-wf status SESSION=s1\n"
+            "  iosea-wf list\n"
+            "  iosea-wf stop SESSION=s1"
+        ),
+        epilog=EXIT_TABLE,
+    )
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = subs.add_parser(
+        "validate",
+        parents=[sub_common],
+        formatter_class=fmt,
+        help="check a WDF against the site, without starting anything",
+        description=(
+            "Check a WDF: YAML, sections, names, references, variables, and what the site offers.\n"
+            "Every problem is reported at once with file:line:column and key path. SESSION is\n"
+            "filled with a placeholder unless SESSION= is given.\n\n"
+            "  iosea-wf validate WORKFLOW=wdf.yaml NS1=/data/ns1 NS2=/data/ns2"
+        ),
+        epilog="exit 0: valid; exit 2: invalid (every problem listed)",
+    )
+    _assignments(p, workflow=True, session=True)
+
+    p = subs.add_parser(
+        "show",
+        parents=[sub_common],
+        help="what the site offers: locations, flavors or tiers",
+        description="Print what the site inventory offers to workflows.",
+    )
+    p.add_argument("what", choices=["locations", "flavors", "tiers"])
+
+    p = subs.add_parser(
+        "start",
+        parents=[sub_common],
+        formatter_class=fmt,
+        help="validate a WDF and start a session with its ephemeral services",
+        description=(
+            "Validate the WDF against the site, check the session name is free for you, then\n"
+            "provision every ephemeral service on a datanode (in parallel) and record the session.\n"
+            "If a service fails, those already started are torn down and the session is FAILED.\n\n"
+            "  iosea-wf start WORKFLOW=wdf.yaml SESSION=s1 NS1=/data/ns1 NS2=/data/ns2"
+        ),
+        epilog=EXIT_TABLE,
+    )
+    _assignments(p, workflow=True, session=True)
+
+    p = subs.add_parser(
+        "stop",
+        parents=[sub_common],
+        formatter_class=fmt,
+        help="tear every ephemeral service of a session down",
+        description=(
+            "Tear down every ephemeral service of the session and release its datanode resources.\n"
+            "Stopping a FAILED or half-started session cleans whatever exists.\n\n"
+            "  iosea-wf stop SESSION=s1"
+        ),
+    )
+    _assignments(p, session=True)
+    p.add_argument(
+        "--force", action="store_true", help="stop even a session another process is still starting"
+    )
+
+    p = subs.add_parser(
+        "list", parents=[sub_common], help="your sessions", description="List your live sessions."
+    )
+    p.add_argument("--all", action="store_true", help="include stopped and failed sessions")
+
+    p = subs.add_parser(
+        "status",
+        parents=[sub_common],
+        help="a session, its services and their connection information",
+        description="Show a session and its ephemeral services with their state and connection information.",
+    )
+    _assignments(p, session=True)
+    return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse argv; fold KEY=VALUE words into options and WDF variables."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        raise UsageError(f"a command is needed (see `{PROG} --help`)")
+    variables: dict[str, str] = {}
+    defines = list(getattr(args, "define", []) or [])
+    for word in getattr(args, "words", []):
+        m = ASSIGNMENT.match(word)
+        if not m:
+            raise UsageError(f"unexpected argument {word!r}: expected KEY=VALUE (e.g. SESSION=s1)")
+        key, value = m.groups()
+        if key in KEYWORDS and hasattr(args, KEYWORDS[key]):
+            setattr(args, KEYWORDS[key], value)
+        elif key in KEYWORDS:
+            raise UsageError(f"{key}= does not apply to `{args.command}`")
+        elif args.command in ("validate", "start"):
+            variables[key] = value
+        else:
+            raise UsageError(f"unexpected argument {word!r}: `{args.command}` takes no WDF variables")
+    for d in defines:
+        m = ASSIGNMENT.match(d)
+        if not m:
+            raise UsageError(f"-d expects NAME=value, got {d!r}")
+        variables[m.group(1)] = m.group(2)
+    args.variables = variables
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# printing
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(x) if x is not None else "-" for x in r])
+    _console().print(t)
+
+
+def _print_session(s: dict[str, Any]) -> None:
+    out = _console()
+    out.print(f"session  {s['session']}  (workflow {s['workflow']}, owner {s['owner']})")
+    out.print(f"state    {s['state']}   started {_when(s['started_at'])}")
+    if s.get("error"):
+        out.print(f"error    {s['error']}")
+    if s["services"]:
+        _table(
+            "ephemeral services",
+            ["name", "type", "state", "datanode", "flavor", "mountpoint", "url"],
+            [
+                [v["name"], v["type"], v["state"], v["datanode"], v["flavor"], v["mountpoint"], v["url"]]
+                for v in s["services"]
+            ],
+        )
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def _context(args: argparse.Namespace) -> manager.Context:
+    return manager.Context(site_dir=args.site, state_dir=args.state_dir, verbose=bool(args.verbose))
+
+
+def cmd_validate(args, ctx) -> int:
+    wf = manager.validate(ctx, args.workflow or _need("WORKFLOW"), args.variables, session=args.session)
+    summary = {
+        "workflow": wf.name,
+        "file": args.workflow,
+        "site": str(ctx.site.path),
+        "services": len(wf.services),
+        "datamovers": len(wf.datamovers),
+        "steps": len(wf.steps),
+    }
+    if args.json:
+        _print_json({"valid": True, **summary})
+    else:
+        print(
+            f"{args.workflow}: valid: workflow {wf.name}, {summary['services']} service(s), "
+            f"{summary['datamovers']} data mover(s), {summary['steps']} step(s) on site {ctx.site.path.name}"
+        )
+    return EXIT_OK
+
+
+def _need(key: str) -> str:
+    raise UsageError(f"{key}= is mandatory")
+
+
+def cmd_show(args, ctx) -> int:
+    rows = manager.show(ctx, args.what)
+    if args.json:
+        _print_json({args.what: rows})
+        return EXIT_OK
+    if not rows:
+        print(f"the site offers no {args.what}")
+        return EXIT_OK
+    columns = [k for k in rows[0] if k != "default"]
+    _table(
+        f"{args.what} of site {ctx.site.path}",
+        columns + ["default"] if "default" in rows[0] else columns,
+        [
+            [", ".join(map(str, r[c])) if isinstance(r[c], list) else r[c] for c in columns]
+            + (["yes" if r["default"] else ""] if "default" in r else [])
+            for r in rows
+        ],
+    )
+    return EXIT_OK
+
+
+def cmd_start(args, ctx) -> int:
+    record = manager.start(ctx, args.workflow, args.session, args.variables, progress=_progress)
+    summary = manager.session_summary(record)
+    if args.json:
+        _print_json(summary)
+    else:
+        _print_session(summary)
+    return EXIT_OK
+
+
+def cmd_stop(args, ctx) -> int:
+    record = manager.stop(ctx, args.session, force=args.force, progress=_progress)
+    if args.json:
+        _print_json(manager.session_summary(record))
+    else:
+        print(f"session {record['name']}: {record['state']}")
+    return EXIT_OK
+
+
+def cmd_list(args, ctx) -> int:
+    rows = manager.list_sessions(ctx, include_ended=args.all)
+    if args.json:
+        _print_json({"sessions": rows})
+    elif not rows:
+        print("no session" if args.all else "no live session (use --all to see stopped and failed ones)")
+    else:
+        _table(
+            None,
+            ["session", "workflow", "state", "started", "services"],
+            [
+                [
+                    r["session"],
+                    r["workflow"],
+                    r["state"],
+                    _when(r["started_at"]),
+                    ", ".join(s["name"] for s in r["services"]) or "-",
+                ]
+                for r in rows
+            ],
+        )
+    return EXIT_OK
+
+
+def cmd_status(args, ctx) -> int:
+    summary = manager.status(ctx, args.session)
+    if args.json:
+        _print_json(summary)
+    else:
+        _print_session(summary)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "validate": cmd_validate,
+    "show": cmd_show,
+    "start": cmd_start,
+    "stop": cmd_stop,
+    "list": cmd_list,
+    "status": cmd_status,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code (the console script exits with it)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse(argv)
+        return COMMANDS[args.command](args, _context(args))
+    except IoseaError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+
+def console_main() -> None:
+    """Entry point of the console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,512 @@
+"""The workflow manager: the design note's rules for each command, with no printing.
+
+Each public function takes a :class:`Context` (who, which site, which store) and returns data
+the CLI prints. Progress is reported through an optional callback. Errors are
+:class:`~iosea_wf.errors.IoseaError` subclasses carrying their exit code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import store as st
+from .errors import (
+    IoseaError,
+    OrchestrationError,
+    ResourcesUnavailable,
+    SessionConflict,
+    SessionNotFound,
+    UsageError,
+)
+from .identity import current_user
+from .site import Site, load_site, site_path
+
+Progress = Callable[[str], None]
+
+SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+BUILTIN_VARIABLES = ("SESSION", "USER", "WORKFLOW")
+
+
+@dataclass
+class Context:
+    """Who runs the command, against which site and which store."""
+
+    site_dir: str | None = None
+    state_dir: str | None = None
+    user: str = field(default_factory=current_user)
+    verbose: bool = False
+    _site: Site | None = None
+    _store: st.Store | None = None
+
+    @property
+    def site(self) -> Site:
+        """The site inventory, loaded once."""
+        if self._site is None:
+            self._site = load_site(self.site_dir)
+        return self._site
+
+    @property
+    def store(self) -> st.Store:
+        """The session store, opened once."""
+        if self._store is None:
+            self._store = st.Store(self.state_dir)
+        return self._store
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# validate / show
+
+
+def wdf_variables(
+    user: str, workflow_path: str, session: str | None, given: dict[str, str]
+) -> dict[str, str]:
+    """The variables a WDF sees: the built-ins, then those given on the command line."""
+    from .wdf import SESSION_PLACEHOLDER
+
+    clash = sorted(set(given) & set(BUILTIN_VARIABLES))
+    if clash:
+        raise UsageError(f"{', '.join(clash)} is built in and cannot be given as a variable")
+    values = {"USER": user, "WORKFLOW": workflow_path, "SESSION": session or SESSION_PLACEHOLDER}
+    values.update(given)
+    return values
+
+
+def validate(ctx: Context, workflow_path: str, variables: dict[str, str], session: str | None = None):
+    """Load and validate a WDF against the site; return the Workflow or raise WDFError."""
+    from .wdf import load_wdf
+
+    return load_wdf(workflow_path, wdf_variables(ctx.user, workflow_path, session, variables), ctx.site)
+
+
+def show(ctx: Context, what: str) -> list[dict[str, Any]]:
+    """What the site offers: ``locations``, ``flavors`` or ``tiers``."""
+    return ctx.site.describe(what)
+
+
+# ---------------------------------------------------------------------------------------------
+# start
+
+
+def check_session_name(name: str | None) -> str:
+    """Reject missing or unusable session names before anything is done."""
+    if not name:
+        raise UsageError("SESSION= is mandatory (e.g. SESSION=my-run)")
+    if not SESSION_NAME.match(name):
+        raise UsageError(
+            f"invalid session name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _export_identity(user: str, session: str, session_id: str, service: str) -> tuple[str, int]:
+    """A file-safe export key and a preferred NFS export id derived from who/what, not a counter.
+
+    The session id is part of the key so two state dirs holding the same user and session name
+    still get distinct exports.
+    """
+    digest = hashlib.sha256(f"{user}\0{session}\0{service}\0{session_id}".encode()).hexdigest()
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{user}.{session}.{service}")
+    return f"{safe}.{digest[:12]}", 1000 + int(digest[:8], 16) % 60000
+
+
+def _needed_resources(site: Site, service) -> dict[str, Any]:
+    flavor = site.flavors[service.flavor]
+    storage_gb = flavor.storage_gb
+    if service.storagesize_bytes is not None:
+        storage_gb = max(storage_gb, math.ceil(service.storagesize_bytes / 10**9))
+    return {
+        "flavor": flavor.name,
+        "cores": flavor.cores,
+        "memory_mb": flavor.memory_mb,
+        "storage_gb": storage_gb,
+    }
+
+
+def _service_modules(workflow, service_name: str) -> set[str]:
+    modules: set[str] = set()
+    for step in workflow.steps.values():
+        if any(s.name == service_name for s in step.services):
+            modules.update(step.location)
+    return modules
+
+
+def _place_services(tx: st.Transaction, site: Site, workflow, session_id: str, user: str, session: str):
+    """Choose a datanode per service and allocate its resources, all or nothing (under the lock)."""
+    planned: dict[str, dict[str, int]] = {}  # datanode -> extra use planned in this start
+    placements = []
+    for service in workflow.services.values():
+        need = _needed_resources(site, service)
+        modules = _service_modules(workflow, service.name)
+        pinned = service.attributes.get("datanodes")
+        candidates = [
+            d
+            for d in site.datanodes.values()
+            if modules <= set(d.modules) and (not pinned or d.name in pinned)
+        ]
+        if not candidates:
+            raise ResourcesUnavailable(
+                f"service {service.name}: no datanode serves the module(s) {', '.join(sorted(modules))}"
+            )
+        best, shortfalls = None, []
+        for d in candidates:
+            used = tx.used_on(d.name)
+            extra = planned.get(d.name, {"cores": 0, "memory_mb": 0, "storage_gb": 0})
+            free = {
+                "cores": d.cores - used["cores"] - extra["cores"],
+                "memory_mb": d.memory_mb - used["memory_mb"] - extra["memory_mb"],
+                "storage_gb": d.storage_gb - used["storage_gb"] - extra["storage_gb"],
+            }
+            missing = [f"{need[k] - free[k]} {unit} more" for k, unit in _UNITS if need[k] > free[k]]
+            if missing:
+                shortfalls.append(f"{d.name} needs {', '.join(missing)}")
+            elif best is None or free["cores"] > best[1]["cores"]:
+                best = (d, free)
+        if best is None:
+            raise ResourcesUnavailable(
+                f"service {service.name} (flavor {need['flavor']}: {need['cores']} cores, "
+                f"{need['memory_mb']} MB, {need['storage_gb']} GB) fits on no datanode",
+                details=shortfalls,
+            )
+        datanode = best[0]
+        extra = planned.setdefault(datanode.name, {"cores": 0, "memory_mb": 0, "storage_gb": 0})
+        for k, _unit in _UNITS:
+            extra[k] += need[k]
+        placements.append((service, datanode, need))
+    for service, datanode, need in placements:
+        tx.allocate(
+            {
+                "datanode": datanode.name,
+                "session_id": session_id,
+                "owner": user,
+                "session": session,
+                "service": service.name,
+                "cores": need["cores"],
+                "memory_mb": need["memory_mb"],
+                "storage_gb": need["storage_gb"],
+                "allocated_at": time.time(),
+            }
+        )
+    return placements
+
+
+_UNITS = (("cores", "cores"), ("memory_mb", "MB"), ("storage_gb", "GB"))
+
+
+def _nfs_url(address: str, path: str, port: int | None, mount_port: int | None) -> str:
+    """A libnfs URL: ``nfs://HOST/PATH``, non-default ports as ``?nfsport=N&mountport=M``."""
+    url = f"nfs://{address}{path}"
+    params = []
+    if port and port != 2049:
+        params.append(f"nfsport={port}")
+    if mount_port:
+        params.append(f"mountport={mount_port}")
+    return url + ("?" + "&".join(params) if params and port != 2049 else "")
+
+
+def _service_record(site: Site, user: str, session: str, session_id: str, service, datanode, need) -> dict:
+    key, export_id = _export_identity(user, session, session_id, service.name)
+    hv = datanode.hostvars
+    port, mount_port = hv.get("nfs_ganesha_port"), hv.get("nfs_ganesha_mount_port")
+    namespace = os.path.normpath(service.namespace)
+    return {
+        "name": service.name,
+        "type": service.type,
+        "state": "PROVISIONING",
+        "datanode": datanode.name,
+        "address": datanode.address,
+        "namespace": namespace,
+        "mountpoint": service.mountpoint,
+        "flavor": need["flavor"],
+        "resources": {k: need[k] for k, _ in _UNITS},
+        "export_key": key,
+        "export_id": export_id,
+        "pseudo": f"/iosea/{user}/{session}/{service.name}",
+        "port": port,
+        "mount_port": mount_port,
+        "url": _nfs_url(datanode.address, namespace, port, mount_port),
+        "error": None,
+    }
+
+
+def _orchestrator_services(session: dict[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
+    """The service dicts the session_services playbook receives."""
+    return [
+        {
+            "name": s["name"],
+            "type": s["type"],
+            "datanode": s["datanode"],
+            "session": session["name"],
+            "owner": session["owner"],
+            "namespace": s["namespace"],
+            "export_key": s["export_key"],
+            "export_id": s["export_id"],
+            "pseudo": s["pseudo"],
+            "access": "RW",
+        }
+        for s in session["services"]
+        if names is None or s["name"] in names
+    ]
+
+
+def start(
+    ctx: Context,
+    workflow_path: str | None,
+    session: str | None,
+    variables: dict[str, str],
+    progress: Progress = _quiet,
+) -> dict[str, Any]:
+    """Validate the WDF, record the session and provision every ephemeral service; return the session."""
+    if not workflow_path:
+        raise UsageError("WORKFLOW= is mandatory (the Workflow Description File, e.g. WORKFLOW=wdf.yaml)")
+    name = check_session_name(session)
+    workflow = validate(ctx, workflow_path, variables, session=name)
+    site = ctx.site
+    session_id = st.new_session_id()
+    now = time.time()
+
+    with ctx.store.transaction() as tx:
+        existing = tx.session(ctx.user, name, live_only=True)
+        if existing:
+            raise SessionConflict(
+                f"session {name!r} already exists for user {ctx.user} (state {existing['state']}); "
+                "stop it first or choose another name"
+            )
+        wanted = {os.path.normpath(s.namespace): s.name for s in workflow.services.values()}
+        for other in tx.live_sessions():
+            for svc in other.get("services", []):
+                if svc["namespace"] in wanted:
+                    raise SessionConflict(
+                        f"namespace {svc['namespace']} of service {wanted[svc['namespace']]} is already served "
+                        f"by session {other['name']!r} of {other['owner']} (service {svc['name']})"
+                    )
+        placements = _place_services(tx, site, workflow, session_id, ctx.user, name)
+        record = {
+            "id": session_id,
+            "name": name,
+            "owner": ctx.user,
+            "workflow": workflow.name,
+            "wdf_path": str(Path(workflow_path).resolve()),
+            "wdf": workflow.to_dict(),
+            "site": str(site.path),
+            "state": st.STARTING,
+            "pid": os.getpid(),
+            "host": os.uname().nodename,
+            "created_at": now,
+            "updated_at": now,
+            "services": [
+                _service_record(site, ctx.user, name, session_id, s, d, n) for s, d, n in placements
+            ],
+            "steps": [],
+            "runs": [],
+            "error": None,
+            "resources_left": True,
+        }
+        tx.put_session(record)
+
+    if not record["services"]:
+        progress(f"session {name}: no ephemeral service to start")
+        return ctx.store.update_session(session_id, state=st.ACTIVE, pid=None, resources_left=False)
+
+    progress(f"session {name}: starting {len(record['services'])} service(s)")
+    ready: dict[str, dict[str, Any]] = {}
+
+    def on_event(host: str, kind: str, data: dict[str, Any]) -> None:
+        if kind == "ready":
+            ready[host] = data
+            svc = next((s for s in record["services"] if s["name"] == host), None)
+            where = f" on {svc['datanode']}: {svc['url']}" if svc else ""
+            progress(f"  {host}: ready{where}")
+        else:
+            progress(f"  {host}: {kind}: {data.get('msg')}")
+
+    ident = f"{name}-start-{int(now)}-{session_id[:6]}"
+    try:
+        result = _run_services(ctx, record, "start", ident, on_event)
+    except BaseException:
+        # Interrupted: tear down what may exist, then re-raise (Ctrl-C, or an orchestration crash).
+        _teardown(ctx, ctx.store.update_session(session_id, state=st.STOPPING), progress, final=st.FAILED)
+        raise
+    failed = {h: o.message for h, o in result.hosts.items() if not o.ok}
+    for svc in record["services"]:
+        if svc["name"] not in ready and svc["name"] not in failed:
+            failed[svc["name"]] = "did not report ready"
+    if failed:
+        for svc_name, msg in failed.items():
+            if svc_name in {s["name"] for s in record["services"]}:
+                ctx.store.update_service(session_id, svc_name, state="FAILED", error=msg)
+        error = "; ".join(f"service {n}: {m}" for n, m in failed.items())
+        progress(f"session {name}: rolling back")
+        record = ctx.store.update_session(session_id, state=st.STOPPING, error=error, runs=[result.artifacts])
+        _teardown(ctx, record, progress, final=st.FAILED)
+        raise OrchestrationError(
+            f"session {name} failed to start; everything it started was torn down",
+            details=[f"service {n}: {m}" for n, m in failed.items()],
+        )
+    for svc_name, info in ready.items():
+        changes = {"state": "ACTIVE"}
+        if isinstance(info, dict) and info.get("export_id"):
+            changes["export_id"] = info["export_id"]
+        ctx.store.update_service(session_id, svc_name, **changes)
+    return ctx.store.update_session(session_id, state=st.ACTIVE, pid=None, runs=[result.artifacts])
+
+
+def _run_services(ctx: Context, session: dict[str, Any], action: str, ident: str, on_event=None):
+    from .orchestrator import run_playbook
+
+    return run_playbook(
+        "session_services",
+        site_path=Path(session.get("site") or site_path(ctx.site_dir)),
+        state_dir=ctx.store.state_dir,
+        ident=ident,
+        extravars={"iosea_action": action, "iosea_services": _orchestrator_services(session)},
+        on_event=on_event,
+        verbose=ctx.verbose,
+    )
+
+
+def _teardown(ctx: Context, session: dict[str, Any], progress: Progress, *, final: str) -> dict[str, Any]:
+    """Remove every service of a session (idempotent), release allocations, record ``final``."""
+    sid = session["id"]
+    if session["services"]:
+        ident = f"{session['name']}-stop-{int(time.time())}-{sid[:6]}"
+        result = _run_services(ctx, session, "stop", ident)
+        failed = {h: o.message for h, o in result.hosts.items() if not o.ok}
+    else:
+        failed = {}
+    with ctx.store.transaction() as tx:
+        record = tx.sessions.get(st.Query().id == sid)
+        record = dict(record)
+        services = []
+        for svc in record["services"]:
+            svc = dict(svc)
+            if svc["name"] in failed or "(playbook)" in failed:
+                svc["error"] = failed.get(svc["name"]) or failed.get("(playbook)")
+            else:
+                svc["state"] = "STOPPED" if svc["state"] != "FAILED" else "FAILED"
+                tx.release(sid, svc["name"])
+                progress(f"  {svc['name']}: removed")
+            services.append(svc)
+        record["services"] = services
+        record["resources_left"] = bool(failed)
+        record["state"] = final if not failed else st.FAILED
+        record["pid"] = None
+        record["updated_at"] = time.time()
+        record["ended_at"] = time.time()
+        tx.put_session(record)
+    if failed:
+        raise OrchestrationError(
+            f"session {session['name']}: some services could not be torn down; run `iosea-wf stop` again",
+            details=[f"service {n}: {m}" for n, m in failed.items()],
+        )
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# stop / list / status
+
+
+def _pid_alive(pid: int | None) -> bool:
+    """True when a process runs with that pid (a zombie counts as dead)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def find_session(ctx: Context, name: str | None) -> dict[str, Any]:
+    """The user's newest session of that name, or SessionNotFound."""
+    name = check_session_name(name)
+    with ctx.store.transaction(shared=True) as tx:
+        record = tx.session(ctx.user, name)
+    if record is None:
+        raise SessionNotFound(f"user {ctx.user} has no session named {name!r} (see `iosea-wf list --all`)")
+    return record
+
+
+def stop(
+    ctx: Context, session: str | None, *, force: bool = False, progress: Progress = _quiet
+) -> dict[str, Any]:
+    """Tear every service of a session down and release its resources; return the session."""
+    record = find_session(ctx, session)
+    if record["state"] == st.STOPPED or (record["state"] == st.FAILED and not record.get("resources_left")):
+        raise SessionConflict(f"session {record['name']!r} is already {record['state']}: nothing to stop")
+    same_host = record.get("host") == os.uname().nodename
+    if record["state"] == st.STARTING and same_host and _pid_alive(record.get("pid")) and not force:
+        raise SessionConflict(
+            f"session {record['name']!r} is still starting (process {record['pid']}); "
+            "wait for it, or use --force to tear it down anyway"
+        )
+    progress(f"session {record['name']}: stopping {len(record['services'])} service(s)")
+    record = ctx.store.update_session(record["id"], state=st.STOPPING)
+    final = st.STOPPED
+    return _teardown(ctx, record, progress, final=final)
+
+
+def list_sessions(ctx: Context, *, include_ended: bool = False) -> list[dict[str, Any]]:
+    """The user's sessions (live ones, or all with ``include_ended``) as summaries."""
+    rows = []
+    for s in ctx.store.sessions_of(ctx.user):
+        if not include_ended and s["state"] not in st.LIVE_STATES and not s.get("resources_left"):
+            continue
+        rows.append(session_summary(s))
+    return rows
+
+
+def session_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The public view of a session (what `status --json` and `list --json` print)."""
+    return {
+        "session": record["name"],
+        "workflow": record["workflow"],
+        "owner": record["owner"],
+        "state": record["state"],
+        "started_at": record["created_at"],
+        "ended_at": record.get("ended_at"),
+        "error": record.get("error"),
+        "services": [
+            {
+                "name": s["name"],
+                "type": s["type"],
+                "state": s["state"],
+                "datanode": s["datanode"],
+                "url": s["url"],
+                "mountpoint": s["mountpoint"],
+                "namespace": s["namespace"],
+                "flavor": s["flavor"],
+                "export_id": s.get("export_id"),
+                "error": s.get("error"),
+            }
+            for s in record["services"]
+        ],
+    }
+
+
+def status(ctx: Context, session: str | None) -> dict[str, Any]:
+    """The session, its services and (later) its steps."""
+    return session_summary(find_session(ctx, session))
+
+
+__all__ = [
+    "Context",
+    "IoseaError",
+    "list_sessions",
+    "show",
+    "start",
+    "status",
+    "stop",
+    "validate",
+]

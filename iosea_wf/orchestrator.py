@@ -1,0 +1,148 @@
+"""The orchestrator's entry point: the ONLY module that calls Ansible (through ansible-runner).
+
+Each call runs one playbook of ``playbooks/`` against the site inventory, in its own
+``private_data_dir`` under the state directory, with an ident naming the session and the action.
+Variables are passed as dicts, never as command strings. Events stream back to a callback while the
+run goes on; failures are turned into one readable message per host.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import OrchestrationError
+from .site import PACKAGE_ROOT
+
+PLAYBOOKS_DIR = PACKAGE_ROOT / "playbooks"
+ROLES_DIR = PACKAGE_ROOT / "roles"
+
+# Name of the last task a service role runs when its service answers (see roles/nfs_service).
+SERVICE_READY_TASK = "iosea service ready"
+
+
+@dataclass
+class HostOutcome:
+    """What one inventory host (one service pseudo-host) ended with in a run."""
+
+    ok: bool = True
+    message: str = ""
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PlaybookResult:
+    """The outcome of one playbook run."""
+
+    ident: str
+    status: str
+    rc: int
+    artifacts: str
+    hosts: dict[str, HostOutcome]
+
+    @property
+    def ok(self) -> bool:
+        """True when the run succeeded on every host."""
+        return self.status == "successful" and all(h.ok for h in self.hosts.values())
+
+
+EventCallback = Callable[[str, str, dict[str, Any]], None]
+
+
+def _failure_message(res: dict[str, Any]) -> str:
+    """The most telling message of a failed task result."""
+    for key in ("msg", "stderr", "module_stderr", "stdout"):
+        value = res.get(key)
+        if value:
+            text = str(value).strip()
+            if key == "msg" and res.get("stderr"):
+                text = f"{text}: {str(res['stderr']).strip()}"
+            return text.splitlines()[-1] if len(text) > 2000 else text
+    return "failed without a message"
+
+
+def run_playbook(
+    playbook: str,
+    *,
+    site_path: Path,
+    state_dir: Path,
+    ident: str,
+    extravars: dict[str, Any],
+    on_event: EventCallback | None = None,
+    verbose: bool = False,
+) -> PlaybookResult:
+    """Run ``playbooks/<playbook>.yml`` against the site and return per-host outcomes.
+
+    ``on_event(host, kind, data)`` is called as hosts finish tasks: kind is ``ready`` when a
+    service role's ready task succeeded (data = its message), ``failed`` or ``unreachable``.
+    """
+    import ansible_runner  # imported here: read-only commands never pay for it
+
+    private_dir = Path(state_dir) / "runs" / ident
+    private_dir.mkdir(parents=True, exist_ok=True)
+    hosts: dict[str, HostOutcome] = {}
+
+    def handle(event: dict[str, Any]) -> bool:
+        kind = event.get("event", "")
+        data = event.get("event_data") or {}
+        host = data.get("host") or ""
+        res = data.get("res") or {}
+        if kind == "runner_on_ok" and data.get("task") == SERVICE_READY_TASK:
+            outcome = hosts.setdefault(host, HostOutcome())
+            outcome.results = res.get("msg") if isinstance(res.get("msg"), dict) else {"msg": res.get("msg")}
+            if on_event:
+                on_event(host, "ready", outcome.results)
+        elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
+            outcome = hosts.setdefault(host, HostOutcome())
+            outcome.ok = False
+            outcome.message = f"{data.get('task', 'a task')}: {_failure_message(res)}"
+            if on_event:
+                on_event(
+                    host, "failed" if kind == "runner_on_failed" else "unreachable", {"msg": outcome.message}
+                )
+        elif kind == "runner_on_ok" and host:
+            hosts.setdefault(host, HostOutcome())
+        return True
+
+    bin_dir = str(Path(sys.executable).parent)
+    envvars = {
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "ANSIBLE_ROLES_PATH": str(ROLES_DIR),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_HOST_KEY_CHECKING": "False",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+    }
+    started = time.time()
+    try:
+        runner = ansible_runner.run(
+            private_data_dir=str(private_dir),
+            project_dir=str(PLAYBOOKS_DIR),
+            playbook=f"{playbook}.yml",
+            inventory=str(site_path),
+            extravars=extravars,
+            envvars=envvars,
+            ident=ident,
+            quiet=not verbose,
+            event_handler=handle,
+            settings={"suppress_ansible_output": not verbose},
+        )
+    except Exception as exc:  # ansible-runner raises bare exceptions for setup problems
+        raise OrchestrationError(f"cannot run the playbook {playbook}: {exc}") from None
+    artifacts = str(private_dir / "artifacts" / ident)
+    result = PlaybookResult(
+        ident=ident, status=runner.status, rc=runner.rc or 0, artifacts=artifacts, hosts=hosts
+    )
+    if runner.status != "successful" and not any(not h.ok for h in hosts.values()):
+        # The run failed before any host reported (syntax error, missing role, ...).
+        tail = (runner.stdout.read() if runner.stdout else "").strip().splitlines()[-5:]
+        hosts["(playbook)"] = HostOutcome(
+            ok=False,
+            message=f"{playbook} ended {runner.status} (rc={runner.rc}) after {time.time() - started:.1f}s: "
+            + " | ".join(tail),
+        )
+    return result
