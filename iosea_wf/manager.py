@@ -105,7 +105,8 @@ def check_session_name(name: str | None) -> str:
         raise UsageError("SESSION= is mandatory (e.g. SESSION=my-run)")
     if not SESSION_NAME.match(name):
         raise UsageError(
-            f"invalid session name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            f"invalid session name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
         )
     return name
 
@@ -288,7 +289,8 @@ def start(
             for svc in other.get("services", []):
                 if svc["namespace"] in wanted:
                     raise SessionConflict(
-                        f"namespace {svc['namespace']} of service {wanted[svc['namespace']]} is already served "
+                        f"namespace {svc['namespace']} of service {wanted[svc['namespace']]} "
+                        "is already served "
                         f"by session {other['name']!r} of {other['owner']} (service {svc['name']})"
                     )
         placements = _place_services(tx, site, workflow, session_id, ctx.user, name)

@@ -18,7 +18,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +72,9 @@ class AtomicJSONStorage(Storage):
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         except BaseException:
-            with _ignore_missing():
+            with suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-
-
-@contextmanager
-def _ignore_missing() -> Iterator[None]:
-    try:
-        yield
-    except FileNotFoundError:
-        pass
 
 
 def default_state_dir() -> Path:
