@@ -159,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = subs.add_parser(
+        "run",
+        parents=[sub_common],
+        formatter_class=fmt,
+        help="run a step: its data movers and its Slurm job, with the services attached",
+        description=(
+            "Submit a step of an ACTIVE session to Slurm as a chain of jobs: the step_start data\n"
+            "movers of its services, then the step's own sbatch command (run from this directory,\n"
+            "on its module's partition, with its services attached), then its step_stop data\n"
+            "movers, which run only if the step COMPLETED. Returns once submitted and prints the\n"
+            "job ids; --wait follows the chain to its end and exits with the step's result.\n"
+            "Running a step again creates a new instance.\n\n"
+            "  iosea-wf run SESSION=s1 STEP=step_B --wait"
+        ),
+        epilog=EXIT_TABLE,
+    )
+    _assignments(p, session=True, step=True)
+    p.add_argument(
+        "--wait", action="store_true", help="follow the step to its end; exit 1 unless it COMPLETED"
+    )
+
+    p = subs.add_parser(
         "list", parents=[sub_common], help="your sessions", description="List your live sessions."
     )
     p.add_argument("--all", action="store_true", help="include stopped and failed sessions")
@@ -238,6 +259,31 @@ def _print_session(s: dict[str, Any]) -> None:
     out.print(f"state    {s['state']}   started {_when(s['started_at'])}")
     if s.get("error"):
         out.print(f"error    {s['error']}")
+    if s.get("steps"):
+        rows = []
+        for i in s["steps"]:
+            rows.append(
+                [
+                    f"{i['name']}#{i['instance']}",
+                    "step",
+                    i["state"],
+                    i["job_id"],
+                    i["exit_code"],
+                    i.get("reason") or "",
+                ]
+            )
+            for m in i["datamovers"]:
+                rows.append(
+                    [
+                        f"  {m['name']}",
+                        f"{m['trigger']} {m['operation']}->{m['target']}",
+                        m["state"],
+                        m["job_id"],
+                        m["exit_code"],
+                        _progress_text(m.get("progress")) or m.get("reason") or "",
+                    ]
+                )
+        _table("steps", ["step", "what", "state", "job", "exit", "detail"], rows)
     if s["services"]:
         _table(
             "ephemeral services",
@@ -247,6 +293,17 @@ def _print_session(s: dict[str, Any]) -> None:
                 for v in s["services"]
             ],
         )
+
+
+def _progress_text(p: dict[str, Any] | None) -> str:
+    if not p:
+        return ""
+    total = p.get("bytes_total") or 0
+    pct = f"{100 * p.get('bytes_done', 0) / total:.0f}%" if total else "-"
+    text = f"{pct} {p.get('files_done', 0)}/{p.get('files_total', 0)} files"
+    if p.get("state") == "running" and p.get("eta_s") is not None:
+        text += f", {p.get('throughput_bytes_per_s', 0) / 1e6:.0f} MB/s, eta {p['eta_s']:.0f}s"
+    return text
 
 
 def _progress(line: str) -> None:
@@ -325,6 +382,36 @@ def cmd_stop(args, ctx) -> int:
     return EXIT_OK
 
 
+def cmd_run(args, ctx) -> int:
+    view = manager.run(ctx, args.session, args.step)
+    ids = [f"step {view['job_id']}"] + [f"{m['name']} {m['job_id']}" for m in view["datamovers"]]
+    if not args.wait:
+        if args.json:
+            _print_json(view)
+        else:
+            print(f"step {view['name']} instance {view['instance']} submitted: jobs {', '.join(ids)}")
+        return EXIT_OK
+    _progress(f"step {view['name']} instance {view['instance']} submitted: jobs {', '.join(ids)}")
+    seen: dict[str, str] = {}
+
+    def on_update(v: dict[str, Any]) -> None:
+        for key, state, extra in [(f"step {v['name']}", v["state"], "")] + [
+            (f"data mover {m['name']}", m["state"], _progress_text(m.get("progress")))
+            for m in v["datamovers"]
+        ]:
+            line = f"{key}: {state}" + (f" ({extra})" if extra else "")
+            if seen.get(key) != line:
+                seen[key] = line
+                _progress(line)
+
+    final = manager.follow(ctx, args.session, view["name"], view["instance"], on_update)
+    if args.json:
+        _print_json(final)
+    else:
+        print(f"step {final['name']} instance {final['instance']}: {final['state']}")
+    return EXIT_OK
+
+
 def cmd_list(args, ctx) -> int:
     rows = manager.list_sessions(ctx, include_ended=args.all)
     if args.json:
@@ -363,6 +450,7 @@ COMMANDS = {
     "show": cmd_show,
     "start": cmd_start,
     "stop": cmd_stop,
+    "run": cmd_run,
     "list": cmd_list,
     "status": cmd_status,
 }

@@ -498,8 +498,62 @@ def session_summary(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def status(ctx: Context, session: str | None) -> dict[str, Any]:
-    """The session, its services and (later) its steps."""
-    return session_summary(find_session(ctx, session))
+    """The session, its services, its step instances and data movers with states from Slurm."""
+    from . import steps
+
+    record = find_session(ctx, session)
+    if steps.active_jobs(record):
+        record = steps.refresh(ctx, record)
+    summary = session_summary(record)
+    summary["steps"] = [steps.view(i) for i in record.get("steps", [])]
+    return summary
+
+
+def run(ctx: Context, session: str | None, step: str | None, cwd: str | None = None) -> dict[str, Any]:
+    """Submit a new instance of a step (movers, step, movers chained in Slurm); return its view."""
+    from . import steps
+
+    step = steps.check_step_name(step)
+    record = find_session(ctx, session)
+    if record["state"] != st.ACTIVE:
+        raise SessionConflict(
+            f"session {record['name']!r} is {record['state']}, not ACTIVE: cannot run a step"
+        )
+    return steps.view(steps.submit(ctx, record, step, cwd))
+
+
+def follow(
+    ctx: Context,
+    session: str | None,
+    step: str,
+    instance: int,
+    on_update: Callable[[dict[str, Any]], None],
+    poll: float = 0.25,
+) -> dict[str, Any]:
+    """Poll a step instance until every job of it has ended; call ``on_update`` with each view."""
+    from . import steps
+    from .errors import WorkFailed
+
+    while True:
+        record = steps.refresh(ctx, find_session(ctx, session))
+        inst = steps.find_instance(record, step, instance)
+        on_update(steps.view(inst))
+        if steps.instance_done(inst):
+            break
+        time.sleep(poll)
+    if not steps.instance_succeeded(inst):
+        view = steps.view(inst)
+        bad = [
+            f"step {step}: {view['state']}"
+            + (f" (exit code {view['exit_code']})" if view["exit_code"] else "")
+        ]
+        bad += [
+            f"data mover {m['name']}: {m['state']}" for m in view["datamovers"] if m["state"] != "COMPLETED"
+        ]
+        raise WorkFailed(
+            f"step {step} (instance {instance}) of session {record['name']} did not complete", details=bad
+        )
+    return steps.view(inst)
 
 
 __all__ = [

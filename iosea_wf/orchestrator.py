@@ -22,8 +22,10 @@ from .site import PACKAGE_ROOT
 PLAYBOOKS_DIR = PACKAGE_ROOT / "playbooks"
 ROLES_DIR = PACKAGE_ROOT / "roles"
 
-# Name of the last task a service role runs when its service answers (see roles/nfs_service).
-SERVICE_READY_TASK = "iosea service ready"
+# Tasks whose result a role reports back to Python, and the event kind each becomes:
+# a service role's last task when its service answers (roles/nfs_service), and the job ids of a
+# submitted step (roles/slurm_job).
+REPORT_TASKS = {"iosea service ready": "ready", "iosea jobs submitted": "submitted"}
 
 
 @dataclass
@@ -79,7 +81,8 @@ def run_playbook(
     """Run ``playbooks/<playbook>.yml`` against the site and return per-host outcomes.
 
     ``on_event(host, kind, data)`` is called as hosts finish tasks: kind is ``ready`` when a
-    service role's ready task succeeded (data = its message), ``failed`` or ``unreachable``.
+    service role's ready task succeeded (data = its message), ``submitted`` when a step's jobs
+    were submitted (data = their ids), ``failed`` or ``unreachable``.
     """
     import ansible_runner  # imported here: read-only commands never pay for it
 
@@ -92,11 +95,11 @@ def run_playbook(
         data = event.get("event_data") or {}
         host = data.get("host") or ""
         res = data.get("res") or {}
-        if kind == "runner_on_ok" and data.get("task") == SERVICE_READY_TASK:
+        if kind == "runner_on_ok" and data.get("task") in REPORT_TASKS:
             outcome = hosts.setdefault(host, HostOutcome())
             outcome.results = res.get("msg") if isinstance(res.get("msg"), dict) else {"msg": res.get("msg")}
             if on_event:
-                on_event(host, "ready", outcome.results)
+                on_event(host, REPORT_TASKS[data["task"]], outcome.results)
         elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
             outcome = hosts.setdefault(host, HostOutcome())
             outcome.ok = False

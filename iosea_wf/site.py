@@ -299,5 +299,5 @@ def load_site(explicit: str | os.PathLike | None = None) -> Site:
         interactive_partition=v["iosea_interactive_partition"],
         datanodes_partition=v["iosea_datanodes_partition"],
         root=v["iosea_site_root"],
-        variables=site_vars,
+        variables=v,
     )

@@ -1,0 +1,155 @@
+"""The ONLY Python module that runs Slurm's commands (squeue, sacct, scontrol, scancel, salloc).
+
+Commands are argument lists, never shell strings. Job states come from Slurm and are reported as
+Slurm names them; a job that left ``squeue`` is looked up in the job-completion log (``sacct -c``)
+and is never assumed to have succeeded. One :func:`job_states` call makes at most two Slurm calls,
+whatever the number of jobs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from .errors import SlurmError
+
+PENDING_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
+RUNNING_STATES = {"RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESIZING"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "REVOKED",
+    "SPECIAL_EXIT",
+}
+UNKNOWN = "UNKNOWN"
+
+_TIMEOUT = 30
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A job's state as Slurm reports it, with its exit code and reason when known."""
+
+    job_id: str
+    state: str
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job has ended (whatever the way)."""
+        return self.state in TERMINAL_STATES
+
+    @property
+    def active(self) -> bool:
+        """True while the job is pending or running."""
+        return self.state in PENDING_STATES or self.state in RUNNING_STATES
+
+
+def _run(argv: list[str], *, check: bool = True, timeout: float = _TIMEOUT) -> subprocess.CompletedProcess:
+    if shutil.which(argv[0]) is None:
+        raise SlurmError(f"{argv[0]} is not installed here: is this a Slurm client host?")
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{argv[0]} did not answer within {timeout:.0f}s: is slurmctld running?") from None
+    if check and proc.returncode != 0:
+        raise SlurmError(f"{' '.join(argv[:2])} failed: {(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+def _normal_state(raw: str) -> str:
+    # squeue prints "CANCELLED by 0"; sacct may print "CANCELLED by 0" too.
+    return raw.split()[0].rstrip("+") if raw else UNKNOWN
+
+
+def _from_wait_status(raw: str) -> tuple[int | None, int | None]:
+    """squeue's exit_code is a wait status: high byte exit code, low 7 bits signal."""
+    try:
+        status = int(raw)
+    except ValueError:
+        return None, None
+    return (status >> 8) & 0xFF, status & 0x7F
+
+
+def _from_exit_pair(raw: str) -> tuple[int | None, int | None]:
+    """sacct's ExitCode is ``code:signal``."""
+    try:
+        code, sig = raw.split(":")
+        return int(code), int(sig)
+    except ValueError:
+        return None, None
+
+
+def job_states(job_ids: list[str]) -> dict[str, JobState]:
+    """States of the given jobs: one ``squeue`` call, plus one ``sacct -c`` for jobs it no longer knows."""
+    ids = sorted({str(j) for j in job_ids if j})
+    if not ids:
+        return {}
+    found: dict[str, JobState] = {}
+    proc = _run(
+        ["squeue", "--states=all", "-h", "-j", ",".join(ids), "-O", "JobID:|,State:|,Reason:|,exit_code:"],
+        check=False,
+    )
+    if proc.returncode == 0:
+        for line in proc.stdout.splitlines():
+            parts = [p.strip() for p in line.split("|")]
+            if len(parts) < 4 or parts[0] not in ids:
+                continue
+            code, sig = _from_wait_status(parts[3])
+            state = _normal_state(parts[1])
+            terminal = state in TERMINAL_STATES
+            found[parts[0]] = JobState(
+                parts[0],
+                state,
+                code if terminal else None,
+                sig if terminal else None,
+                None if parts[2] in ("None", "") else parts[2],
+            )
+    elif "Invalid job id" not in proc.stderr:
+        raise SlurmError(f"squeue failed: {proc.stderr.strip()}")
+    missing = [j for j in ids if j not in found]
+    if missing:
+        proc = _run(
+            ["sacct", "-c", "-n", "-P", "-j", ",".join(missing), "-o", "JobID,State,ExitCode"], check=False
+        )
+        if proc.returncode == 0:
+            for line in proc.stdout.splitlines():
+                parts = line.split("|")
+                if len(parts) >= 3 and parts[0] in missing:
+                    code, sig = _from_exit_pair(parts[2])
+                    found[parts[0]] = JobState(parts[0], _normal_state(parts[1]), code, sig)
+    for j in ids:
+        found.setdefault(j, JobState(j, UNKNOWN, reason="unknown to squeue and to the job-completion log"))
+    return found
+
+
+def cancel(job_ids: list[str]) -> None:
+    """Cancel jobs in one batched ``scancel`` (jobs already ended are ignored)."""
+    ids = [str(j) for j in job_ids if j]
+    if ids:
+        proc = _run(["scancel", *ids], check=False)
+        if (
+            proc.returncode != 0
+            and "Invalid job id" not in proc.stderr
+            and "already completing" not in proc.stderr
+        ):
+            raise SlurmError(f"scancel failed: {proc.stderr.strip()}")
+
+
+def controller_up() -> bool:
+    """True when slurmctld answers (checked before calls that would otherwise retry for ~18 s)."""
+    try:
+        proc = _run(["scontrol", "ping"], check=False, timeout=10)
+    except SlurmError:
+        return False
+    return "UP" in proc.stdout
