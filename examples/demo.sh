@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The design note's workflow, end to end on the local site (`make demo` runs this after `make site`):
+# validate against both sites, start a session (two NFS ephemeral services), run step_A and step_B
+# with their data movers, show the status, stop, and show what reached the tiers.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/.." && pwd)
+export PATH="$top/.venv/bin:$PATH"
+session="demo-$(date +%Y%m%d-%H%M%S)"
+data=/var/tmp/iosea-wf-demo/$session
+wdf="$here/sample-wdf.yaml"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+
+say "Datasets: two namespaces with gauges and input files"
+mkdir -p "$data/ns1/gauges" "$data/ns1/input" "$data/ns2/gauges" "$data/ns2/input"
+for ns in ns1 ns2; do
+  for i in 1 2 3; do head -c 100000 /dev/urandom > "$data/$ns/gauges/g$i.hdf5"; done
+  for i in 1 2; do seq 1 $((i * 1000)) > "$data/$ns/input/in$i.txt"; done
+done
+find "$data" -type f | sort
+
+say "Validate the design note's WDF against both sites"
+run iosea-wf validate WORKFLOW="$wdf" NS1="$data/ns1" NS2="$data/ns2"
+run iosea-wf validate --site "$top/inventories/example" WORKFLOW="$wdf" NS1="$data/ns1" NS2="$data/ns2"
+
+say "Start the session: one nfs-ganesha export per service, on the local datanodes"
+run iosea-wf start WORKFLOW="$wdf" SESSION="$session" NS1="$data/ns1" NS2="$data/ns2"
+url=$(iosea-wf status SESSION="$session" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["services"][0]["url"])')
+say "A real NFS client reads ES1 through its URL"
+run nfs-ls "$url/gauges"
+
+cd "$here"
+say "Run step_A (ES1 read-only) and wait"
+run iosea-wf run SESSION="$session" STEP=step_A --wait
+say "Run step_B (ES2 read-write, copy to flash before, move gauges to tape after) and wait"
+run iosea-wf run SESSION="$session" STEP=step_B --wait
+
+say "Status"
+run iosea-wf status SESSION="$session"
+say "What the steps printed"
+for f in $(ls -t My_Step_A-*.out | head -1) $(ls -t My_Step_B-*.out | head -1); do echo "--- $f"; cat "$f"; rm -f "$f"; done
+
+say "Stop: every service torn down"
+run iosea-wf stop SESSION="$session"
+run iosea-wf list --all
+
+tiers=$(iosea-wf show tiers --json | python3 -c 'import json,sys; print(" ".join(t["name"]+"="+t["path"] for t in json.load(sys.stdin)["tiers"]))')
+say "Tiers after the run (flash: copied by step_start; tape: moved by step_stop)"
+for t in $tiers; do
+  name=${t%%=*}; path=${t#*=}
+  [ -d "$path/$(id -un)/$session" ] && { echo "$name:"; (cd "$path/$(id -un)/$session" && find . -type f | sort); }
+done
+echo "ES2 gauges left in the namespace (moved to tape, so none):"
+ls "$data/ns2/gauges"

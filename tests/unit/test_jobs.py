@@ -1,0 +1,121 @@
+"""Building the jobs of a step run: sbatch command parsing and generated scripts (no Slurm)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from iosea_wf import jobs
+from iosea_wf.errors import UsageError
+
+
+@pytest.mark.parametrize(
+    "command, options, rest, wrap",
+    [
+        ("sbatch My_Step_A", [], ["My_Step_A"], None),
+        ("sbatch -N 2 -t 10 job.sh a b", ["-N", "2", "-t", "10"], ["job.sh", "a", "b"], None),
+        ("sbatch -N2 --time=10 --exclusive job.sh", ["-N2", "--time=10", "--exclusive"], ["job.sh"], None),
+        ("sbatch --mem 100 --hold job.sh -x", ["--mem", "100", "--hold"], ["job.sh", "-x"], None),
+        ("sbatch -p gpu --wrap 'echo hi'", ["-p", "gpu"], [], "echo hi"),
+        ("sbatch --wrap='echo hi'", [], [], "echo hi"),
+    ],
+)
+def test_parse_sbatch(command, options, rest, wrap):
+    assert jobs.parse_sbatch(command) == (options, rest, wrap)
+
+
+@pytest.mark.parametrize(
+    "command, fragment",
+    [
+        ("srun job.sh", "must be an sbatch command"),
+        ("sbatch", "names no batch script"),
+        ("sbatch --parsable job.sh", "set by iosea-wf"),
+        ("sbatch --wait job.sh", "set by iosea-wf"),
+        ("sbatch -d afterok:1 job.sh", "set by iosea-wf"),
+        ("sbatch --dependency=afterok:1 job.sh", "set by iosea-wf"),
+        ("sbatch -t", "needs a value"),
+    ],
+)
+def test_parse_sbatch_refuses(command, fragment):
+    with pytest.raises(UsageError) as exc:
+        jobs.parse_sbatch(command)
+    assert fragment in str(exc.value)
+
+
+def test_step_argv_keeps_user_partition_and_adds_ours():
+    argv = jobs.step_argv(
+        ["-p", "mine"], partition="gpu", job_name="iosea.s.a.1", cwd="/w", script="/x/step.sh"
+    )
+    assert argv[:4] == ["sbatch", "--parsable", "-p", "mine"]
+    assert "--partition=gpu" not in argv
+    argv = jobs.step_argv([], partition="gpu", job_name="iosea.s.a.1", cwd="/w", script="/x/step.sh")
+    assert "--partition=gpu" in argv and "--job-name=iosea.s.a.1" in argv and argv[-1] == "/x/step.sh"
+
+
+def test_service_environment_names():
+    session = {"name": "s1", "workflow": "wf"}
+    env = jobs.service_environment(
+        session,
+        [{"name": "es-1", "url": "nfs://h/p", "mountpoint": "/mnt/x", "mode": "RO", "datanode": "dn1"}],
+    )
+    assert env["IOSEA_SESSION"] == "s1"
+    assert env["IOSEA_SERVICE_ES_1_URL"] == "nfs://h/p"
+    assert env["IOSEA_SERVICE_ES_1_MODE"] == "RO"
+
+
+def test_step_script_copies_directives_and_runs_the_script(tmp_path):
+    user = tmp_path / "job.sh"
+    user.write_text('#!/bin/bash\n#SBATCH --time=5\n#SBATCH -o out-%j\necho "args: $*" "$IOSEA_SESSION"\n')
+    out = tmp_path / "step.sh"
+    jobs.write_step_script(
+        out,
+        cwd=str(tmp_path),
+        script_and_args=["job.sh", "a b", "c"],
+        wrap=None,
+        env={"IOSEA_SESSION": "it's"},
+        attached=[],
+        attach_mode="env",
+    )
+    text = out.read_text()
+    assert "#SBATCH --time=5" in text and "#SBATCH -o out-%j" in text
+    res = subprocess.run([str(out)], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "args: a b c it's"
+
+
+def test_step_script_binds_services_read_only(tmp_path):
+    ns = tmp_path / "ns"
+    ns.mkdir()
+    (ns / "data.txt").write_text("payload\n")
+    user = tmp_path / "job.sh"
+    user.write_text(
+        '#!/bin/sh\ncat "$M/data.txt"\n'
+        'if touch "$M/new" 2>/dev/null; then echo writable; else echo readonly; fi\n'
+    )
+    mnt = tmp_path / "mnt" / "ES1"
+    out = tmp_path / "step.sh"
+    jobs.write_step_script(
+        out,
+        cwd=str(tmp_path),
+        script_and_args=["job.sh"],
+        wrap=None,
+        env={"M": str(mnt)},
+        attached=[{"name": "es", "namespace": str(ns), "mountpoint": str(mnt), "mode": "RO"}],
+        attach_mode="bind",
+    )
+    res = subprocess.run([str(out)], capture_output=True, text=True)
+    if "unshare failed" in res.stderr or "Operation not permitted" in res.stderr:
+        pytest.skip("no mount namespaces here")
+    assert res.stdout.split() == ["payload", "readonly"], res.stderr
+    assert not (ns / "new").exists()
+    assert not any(mnt.iterdir())  # the bind lived only in the job's mount namespace
+
+
+def test_mover_script_is_an_argument_list(tmp_path):
+    out = tmp_path / "mover.sh"
+    jobs.mover_script(
+        out, ["iosea-wf-mover"], "move", "/ns x", "/tier/t", ["gauges/*.hdf5"], tmp_path / "p.json"
+    )
+    last = out.read_text().splitlines()[-1]
+    assert last.startswith("exec iosea-wf-mover move --source '/ns x' --target /tier/t --progress ")
+    assert last.endswith("-- 'gauges/*.hdf5'")
