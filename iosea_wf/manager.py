@@ -27,6 +27,7 @@ from .errors import (
     UsageError,
 )
 from .identity import current_user
+from .procs import alive
 from .site import Site, load_site, site_path
 
 Progress = Callable[[str], None]
@@ -334,6 +335,7 @@ def start(
             progress(f"  {host}: {kind}: {data.get('msg')}")
 
     ident = f"{name}-start-{int(now)}-{session_id[:6]}"
+    ctx.store.update_session(session_id, start_run=ident)
     try:
         result = _run_services(ctx, record, "start", ident, on_event)
     except BaseException:
@@ -419,17 +421,6 @@ def _teardown(ctx: Context, session: dict[str, Any], progress: Progress, *, fina
 # stop / list / status
 
 
-def _pid_alive(pid: int | None) -> bool:
-    """True when a process runs with that pid (a zombie counts as dead)."""
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 def find_session(ctx: Context, name: str | None) -> dict[str, Any]:
     """The user's newest session of that name, or SessionNotFound."""
     name = check_session_name(name)
@@ -448,7 +439,7 @@ def stop(
     if record["state"] == st.STOPPED or (record["state"] == st.FAILED and not record.get("resources_left")):
         raise SessionConflict(f"session {record['name']!r} is already {record['state']}: nothing to stop")
     same_host = record.get("host") == os.uname().nodename
-    if record["state"] == st.STARTING and same_host and _pid_alive(record.get("pid")) and not force:
+    if record["state"] == st.STARTING and same_host and alive(record.get("pid")) and not force:
         raise SessionConflict(
             f"session {record['name']!r} is still starting (process {record['pid']}); "
             "wait for it, or use --force to tear it down anyway"

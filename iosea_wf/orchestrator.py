@@ -8,6 +8,7 @@ run goes on; failures are turned into one readable message per host.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OrchestrationError
+from .procs import alive
 from .site import PACKAGE_ROOT
 
 PLAYBOOKS_DIR = PACKAGE_ROOT / "playbooks"
@@ -149,3 +151,34 @@ def run_playbook(
             + " | ".join(tail),
         )
     return result
+
+
+def end_orphaned_run(state_dir: Path, ident: str, grace: float = 5.0) -> int:
+    """Stop what is left of a run whose caller died (e.g. ``kill -9`` of ``iosea-wf start``).
+
+    ansible-playbook outlives a killed parent; tearing services down while it still provisions
+    would race with it. Its processes are found by the run's private directory on their command
+    line, terminated, and waited for. Returns how many were found.
+    """
+    import os
+    import signal
+
+    marker = str(Path(state_dir) / "runs" / ident)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if marker.encode() in fh.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + grace
+        while time.time() < deadline and any(alive(p) for p in found):
+            time.sleep(0.1)
+    return len(found)
