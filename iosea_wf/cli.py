@@ -180,6 +180,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = subs.add_parser(
+        "access",
+        parents=[sub_common],
+        formatter_class=fmt,
+        help="an interactive Slurm allocation with every service of the session attached",
+        description=(
+            "Open a Slurm allocation (salloc) with all the session's services attached the way a\n"
+            "step gets them (environment and mountpoints), on the site's interactive partition\n"
+            "unless --partition says otherwise. Without COMMAND: an interactive shell. With\n"
+            "-- COMMAND ...: runs it there and exits with its exit code. While it lives, `status`\n"
+            "shows it and `stop` waits for it.\n\n"
+            "  iosea-wf access SESSION=s1\n"
+            "  iosea-wf access SESSION=s1 --cores 4 --time 30 -- ls /mnt/data"
+        ),
+        epilog=EXIT_TABLE + "\n  (with -- COMMAND, the command's own exit code is returned)",
+    )
+    _assignments(p, session=True)
+    p.add_argument("--nodes", type=int, metavar="N", help="number of nodes")
+    p.add_argument("--cores", type=int, metavar="C", help="cores (cpus per task)")
+    p.add_argument("--time", metavar="T", help="time limit, Slurm syntax (e.g. 30, 1:00:00)")
+    p.add_argument("--partition", metavar="P", help="partition (default: the site's interactive partition)")
+    p.add_argument("--immediate", action="store_true", help="fail at once if the resources are busy")
+
+    p = subs.add_parser(
+        "cancel",
+        parents=[sub_common],
+        formatter_class=fmt,
+        help="cancel what `run` started and has not finished",
+        description=(
+            "Cancel, in one batched scancel, the unfinished jobs of a step's latest instance\n"
+            "(or --instance N), or of every step run of the session when no STEP is given:\n"
+            "pending data movers, the step job, its step_stop data movers. A data mover in\n"
+            "progress stops cleanly (a cancelled move loses nothing). The session stays ACTIVE.\n\n"
+            "  iosea-wf cancel SESSION=s1 STEP=step_B"
+        ),
+    )
+    _assignments(p, session=True, step=True)
+    p.add_argument("--instance", type=int, metavar="N", help="the step instance (default: the latest)")
+
+    p = subs.add_parser(
         "list", parents=[sub_common], help="your sessions", description="List your live sessions."
     )
     p.add_argument("--all", action="store_true", help="include stopped and failed sessions")
@@ -197,7 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str]) -> argparse.Namespace:
     """Parse argv; fold KEY=VALUE words into options and WDF variables."""
     parser = build_parser()
+    command: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    if command and args.command != "access":
+        raise UsageError(f"`{args.command}` takes no command after --")
+    args.inner_command = command
     if not args.command:
         raise UsageError(f"a command is needed (see `{PROG} --help`)")
     variables: dict[str, str] = {}
@@ -284,6 +330,12 @@ def _print_session(s: dict[str, Any]) -> None:
                     ]
                 )
         _table("steps", ["step", "what", "state", "job", "exit", "detail"], rows)
+    if s.get("accesses"):
+        _table(
+            "interactive access",
+            ["job", "state", "partition", "since"],
+            [[a["job_id"], a["state"], a["partition"], _when(a["since"])] for a in s["accesses"]],
+        )
     if s["services"]:
         _table(
             "ephemeral services",
@@ -412,6 +464,31 @@ def cmd_run(args, ctx) -> int:
     return EXIT_OK
 
 
+def cmd_access(args, ctx) -> int:
+    return manager.access(
+        ctx,
+        args.session,
+        args.inner_command,
+        nodes=args.nodes,
+        cores=args.cores,
+        time_limit=args.time,
+        partition=args.partition,
+        immediate=args.immediate,
+        progress=_progress,
+    )
+
+
+def cmd_cancel(args, ctx) -> int:
+    ids = manager.cancel(ctx, args.session, args.step, args.instance)
+    if args.json:
+        _print_json({"cancelled": ids})
+    elif ids:
+        print(f"cancelled job(s) {' '.join(ids)}")
+    else:
+        print("nothing to cancel: every job of it has already ended")
+    return EXIT_OK
+
+
 def cmd_list(args, ctx) -> int:
     rows = manager.list_sessions(ctx, include_ended=args.all)
     if args.json:
@@ -451,6 +528,8 @@ COMMANDS = {
     "start": cmd_start,
     "stop": cmd_stop,
     "run": cmd_run,
+    "access": cmd_access,
+    "cancel": cmd_cancel,
     "list": cmd_list,
     "status": cmd_status,
 }

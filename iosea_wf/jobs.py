@@ -112,6 +112,26 @@ def _interpreter(script: Path) -> list[str]:
     return shlex.split(first[2:]) if first.startswith("#!") else ["/bin/sh"]
 
 
+def attach_command(attached: list[dict[str, Any]], attach_mode: str, command: list[str]) -> list[str]:
+    """``command`` wrapped so that it runs with the services attached the site's way."""
+    if attach_mode != "bind" or not attached:
+        return list(command)
+    binds = []
+    for s in attached:
+        binds += ["--bind", f"{s['namespace']}:{s['mountpoint']}:{'ro' if s['mode'] == 'RO' else 'rw'}"]
+    wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        sys.executable,
+        "-m",
+        "iosea_wf.attach",
+    ]
+    return [*wrapper, *binds, "--", *command]
+
+
 def write_step_script(
     path: Path,
     *,

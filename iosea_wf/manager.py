@@ -432,9 +432,16 @@ def find_session(ctx: Context, name: str | None) -> dict[str, Any]:
 
 
 def stop(
-    ctx: Context, session: str | None, *, force: bool = False, progress: Progress = _quiet
+    ctx: Context,
+    session: str | None,
+    *,
+    force: bool = False,
+    progress: Progress = _quiet,
+    poll: float = 1.0,
 ) -> dict[str, Any]:
-    """Tear every service of a session down and release its resources; return the session."""
+    """Wait for the session's jobs (or cancel them with ``force``), then tear every service down."""
+    from . import slurm, steps
+
     record = find_session(ctx, session)
     if record["state"] == st.STOPPED or (record["state"] == st.FAILED and not record.get("resources_left")):
         raise SessionConflict(f"session {record['name']!r} is already {record['state']}: nothing to stop")
@@ -444,10 +451,30 @@ def stop(
             f"session {record['name']!r} is still starting (process {record['pid']}); "
             "wait for it, or use --force to tear it down anyway"
         )
+    if record["state"] == st.STARTING and record.get("start_run"):
+        from .orchestrator import end_orphaned_run
+
+        if end_orphaned_run(ctx.store.state_dir, record["start_run"]):
+            progress(f"session {record['name']}: ended the provisioning its dead start left running")
+    if steps.active_jobs(record):
+        record = ctx.store.update_session(record["id"], state=st.STOPPING)
+        if force:
+            ids = steps.active_jobs(record)
+            progress(f"session {record['name']}: cancelling {len(ids)} job(s): {' '.join(ids)}")
+            slurm.cancel(ids)
+        said = None
+        while True:
+            record = steps.refresh(ctx, record)
+            waiting = steps.active_jobs(record)
+            if not waiting:
+                break
+            if said != waiting:
+                progress(f"session {record['name']}: waiting for job(s) {' '.join(waiting)} to end")
+                said = waiting
+            time.sleep(poll)
     progress(f"session {record['name']}: stopping {len(record['services'])} service(s)")
     record = ctx.store.update_session(record["id"], state=st.STOPPING)
-    final = st.STOPPED
-    return _teardown(ctx, record, progress, final=final)
+    return _teardown(ctx, record, progress, final=st.STOPPED)
 
 
 def list_sessions(ctx: Context, *, include_ended: bool = False) -> list[dict[str, Any]]:
@@ -497,6 +524,16 @@ def status(ctx: Context, session: str | None) -> dict[str, Any]:
         record = steps.refresh(ctx, record)
     summary = session_summary(record)
     summary["steps"] = [steps.view(i) for i in record.get("steps", [])]
+    summary["accesses"] = [
+        {
+            "job_id": a.get("job_id"),
+            "since": a["since"],
+            "partition": a.get("partition"),
+            "state": a.get("state") or a.get("live_state") or ("ENDED" if a.get("ended_at") else "STARTING"),
+        }
+        for a in record.get("accesses", [])
+        if not a.get("ended_at") or steps.active_jobs({"accesses": [a]})
+    ]
     return summary
 
 
@@ -511,6 +548,134 @@ def run(ctx: Context, session: str | None, step: str | None, cwd: str | None = N
             f"session {record['name']!r} is {record['state']}, not ACTIVE: cannot run a step"
         )
     return steps.view(steps.submit(ctx, record, step, cwd))
+
+
+def cancel(
+    ctx: Context, session: str | None, step: str | None = None, instance: int | None = None
+) -> list[str]:
+    """Cancel what `run` started and has not finished (one step's instance, or the whole session)."""
+    from . import steps
+
+    record = find_session(ctx, session)
+    if record["state"] not in (st.ACTIVE, st.STOPPING):
+        raise SessionConflict(f"session {record['name']!r} is {record['state']}: nothing runs in it")
+    return steps.cancel(ctx, record, step, instance)
+
+
+def access(
+    ctx: Context,
+    session: str | None,
+    command: list[str],
+    *,
+    nodes: int | None = None,
+    cores: int | None = None,
+    time_limit: str | None = None,
+    partition: str | None = None,
+    immediate: bool = False,
+    progress: Progress = _quiet,
+) -> int:
+    """Open an interactive Slurm allocation with every service attached; return the command's exit code."""
+    import sys
+    import threading
+    import uuid
+
+    from . import jobs, slurm
+    from .errors import SlurmError
+
+    record = find_session(ctx, session)
+    if record["state"] != st.ACTIVE:
+        raise SessionConflict(f"session {record['name']!r} is {record['state']}, not ACTIVE: no access")
+    site = ctx.site
+    partition = partition or site.interactive_partition
+    token = uuid.uuid4().hex[:8]
+    job_name = f"iosea.{record['name']}.access.{token}"
+    attached = [dict(s, mode="RW") for s in record["services"]]
+    env = dict(os.environ)
+    env.update(jobs.service_environment(record, attached))
+    inner = jobs.attach_command(
+        attached,
+        site.variables.get("iosea_service_attach", "env"),
+        list(command) or [os.environ.get("SHELL") or "/bin/bash"],
+    )
+    argv = ["salloc", f"--job-name={job_name}", f"--partition={partition}"]
+    if nodes:
+        argv.append(f"--nodes={nodes}")
+    if cores:
+        argv.append(f"--cpus-per-task={cores}")
+    if time_limit:
+        argv.append(f"--time={time_limit}")
+    if immediate:
+        argv.append("--immediate=1")
+    srun = ["srun", "--ntasks=1", "--nodes=1"]
+    if not command and sys.stdin.isatty():
+        srun.append("--pty")
+    argv += [*srun, *inner]
+
+    entry = {"token": token, "job_name": job_name, "since": time.time(), "pid": os.getpid(), "job_id": None,
+             "state": None, "partition": partition}  # fmt: skip
+    _update_accesses(ctx, record["id"], lambda acc: acc.append(entry))
+    granted: dict[str, str] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        said_waiting = False
+        started = time.time()
+        while not done.is_set():
+            rows = slurm.jobs_named(job_name)
+            if rows:
+                job_id, state, reason = rows[0]
+                if job_id not in granted.values():
+                    granted["job_id"] = job_id
+                    _update_accesses(ctx, record["id"], lambda acc, j=job_id: _set(acc, token, job_id=j))
+                if state == "PENDING" and not said_waiting and time.time() - started > 1:
+                    progress(
+                        f"access: waiting for resources on partition {partition} (job {job_id}: {reason})"
+                    )
+                    said_waiting = True
+                if state == "RUNNING":
+                    return
+            done.wait(0.3)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        rc = slurm.allocate_and_run(argv, env=env)
+    finally:
+        done.set()
+        watcher.join(2)
+        if "job_id" not in granted:
+            # A short command may end before the watcher saw it: slurmctld still knows it.
+            rows = slurm.jobs_named(job_name)
+            if rows:
+                granted["job_id"] = rows[0][0]
+        _update_accesses(
+            ctx,
+            record["id"],
+            lambda acc: _set(acc, token, ended_at=time.time(), job_id=granted.get("job_id")),
+        )
+    if "job_id" not in granted and rc != 0:
+        _update_accesses(ctx, record["id"], lambda acc: _set(acc, token, state="NOT_GRANTED"))
+        if immediate:
+            raise SlurmError(
+                f"no allocation: resources on partition {partition} are busy right now (--immediate)"
+            )
+        raise SlurmError(f"no allocation on partition {partition} (salloc exit code {rc})")
+    return rc
+
+
+def _set(accesses: list[dict[str, Any]], token: str, **changes: Any) -> None:
+    for a in accesses:
+        if a["token"] == token:
+            a.update(changes)
+
+
+def _update_accesses(ctx: Context, session_id: str, change: Callable[[list[dict[str, Any]]], None]) -> None:
+    with ctx.store.transaction() as tx:
+        current = dict(tx.sessions.get(st.Query().id == session_id))
+        accesses = [dict(a) for a in current.get("accesses", [])]
+        change(accesses)
+        current["accesses"] = accesses
+        tx.put_session(current)
 
 
 def follow(

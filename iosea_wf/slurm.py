@@ -153,3 +153,25 @@ def controller_up() -> bool:
     except SlurmError:
         return False
     return "UP" in proc.stdout
+
+
+def jobs_named(name: str) -> list[tuple[str, str, str]]:
+    """(job id, state, reason) of the jobs of that exact name slurmctld still knows (ended ones too)."""
+    proc = _run(
+        ["squeue", "--states=all", "-h", "--name", name, "-O", "JobID:|,State:|,Reason:|"], check=False
+    )
+    rows = []
+    for line in proc.stdout.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) >= 3 and parts[0]:
+            rows.append((parts[0], parts[1], parts[2]))
+    return rows
+
+
+def allocate_and_run(argv: list[str], env: dict[str, str] | None = None) -> int:
+    """Run ``salloc`` in the foreground on this terminal; return its exit code (the command's)."""
+    if shutil.which("salloc") is None:
+        raise SlurmError("salloc is not installed here: is this a Slurm client host?")
+    if argv[0] != "salloc":
+        raise SlurmError(f"not an salloc command: {argv[0]}")
+    return subprocess.run(argv, env=env).returncode

@@ -333,3 +333,24 @@ def check_step_name(step: str | None) -> str:
     if not step:
         raise UsageError("STEP= is mandatory (e.g. STEP=step_A)")
     return step
+
+
+def cancel(ctx, session: dict[str, Any], step: str | None = None, instance: int | None = None) -> list[str]:
+    """Cancel the unfinished jobs of one step instance (or of every run of the session) in one scancel."""
+    session = refresh(ctx, session)
+    targets = [find_instance(session, step, instance)] if step else session.get("steps", [])
+    now = time.time()
+    ids = []
+    for inst in targets:
+        for entry in [inst, *inst["datamovers"]]:
+            if entry.get("job_id") and not _final(entry.get("state")):
+                ids.append(entry["job_id"])
+                entry["cancelled_at"] = now
+    if not ids:
+        return []
+    with ctx.store.transaction() as tx:
+        current = dict(tx.sessions.get(st.Query().id == session["id"]))
+        current["steps"] = session["steps"]
+        tx.put_session(current)
+    slurm.cancel(ids)
+    return ids
