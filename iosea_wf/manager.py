@@ -611,8 +611,15 @@ def access(
         srun.append("--pty")
     argv += [*srun, *inner]
 
-    entry = {"token": token, "job_name": job_name, "since": time.time(), "pid": os.getpid(), "job_id": None,
-             "state": None, "partition": partition}  # fmt: skip
+    entry = {
+        "token": token,
+        "job_name": job_name,
+        "since": time.time(),
+        "pid": os.getpid(),
+        "job_id": None,
+        "state": None,
+        "partition": partition,
+    }
     _update_accesses(ctx, record["id"], lambda acc: acc.append(entry))
     granted: dict[str, str] = {}
     done = threading.Event()

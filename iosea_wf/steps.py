@@ -248,8 +248,11 @@ def _apply(inst: dict[str, Any], states: dict[str, slurm.JobState]) -> bool:
             # afterok: a step that did not complete never triggers its step_stop movers.
             m.update(state=SKIPPED, reason=f"step {step_state}: step_stop data movers do not run")
             changed = True
-    failed_start = [m for m in inst["datamovers"] if m["trigger"] == "step_start" and _final(m["state"])
-                    and m["state"] != "COMPLETED"]  # fmt: skip
+    failed_start = [
+        m
+        for m in inst["datamovers"]
+        if m["trigger"] == "step_start" and _final(m["state"]) and m["state"] != "COMPLETED"
+    ]
     if (
         failed_start
         and inst.get("state") in (None, "CANCELLED")
