@@ -1,0 +1,162 @@
+"""Checks that span entries of a WDF (names, references, paths) and checks against the site.
+
+They run on the substituted data even where the schemas found problems, so one run reports every
+problem; a value of the wrong type is skipped here because its schema already reported it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import voluptuous as vol
+
+from ..site import Site
+from .problems import Path, Problems
+from .schema import one_of, step_service_ref
+
+
+def entries(data: dict[str, Any], section: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index, entry) for each mapping entry of a list section; anything else is skipped."""
+    items = data.get(section)
+    if isinstance(items, list):
+        for i, item in enumerate(items):
+            if isinstance(item, dict):
+                yield i, item
+
+
+def unique_names(data: dict[str, Any], section: str, what: str, problems: Problems) -> list[str] | None:
+    """The names defined in ``section`` (file order), reporting duplicates; None if it is no list."""
+    if section in data and not isinstance(data[section], list):
+        return None
+    first: dict[str, Path] = {}
+    for i, item in entries(data, section):
+        value = item.get("name")
+        if not isinstance(value, str):
+            continue
+        path = (section, i, "name")
+        if value in first:
+            line = problems.marks[first[value]].line if first[value] in problems.marks else "?"
+            problems.add(
+                path, f"duplicate {what} name {value!r} (first defined at line {line})", "a unique name"
+            )
+        else:
+            first[value] = path
+    return list(first)
+
+
+def references(
+    data: dict[str, Any], services: list[str] | None, datamovers: list[str] | None, problems: Problems
+) -> None:
+    """Every service and data mover a step names must be defined, and named once per step.
+
+    A section that is not a list (already reported) is not used: each of its names would be
+    reported as unknown, which says nothing new.
+    """
+    for i, step in entries(data, "steps"):
+        used: dict[str, int] = {}
+        for j, entry in _sub_entries(step, "services"):
+            path = ("steps", i, "services", j)
+            try:
+                service, _ = step_service_ref(entry.get("name"))
+            except vol.Invalid:
+                continue
+            if services is None:
+                pass
+            elif service not in services:
+                problems.add((*path, "name"), f"unknown service {service!r}", one_of(services))
+            elif service in used:
+                problems.add(
+                    (*path, "name"), f"service {service!r} is listed twice in this step", "each service once"
+                )
+            used.setdefault(service, j)
+            movers = entry.get("datamovers")
+            if not isinstance(movers, list) or datamovers is None:
+                continue
+            seen: set[str] = set()
+            for k, mover in enumerate(movers):
+                if not isinstance(mover, str):
+                    continue
+                if mover not in datamovers:
+                    problems.add(
+                        (*path, "datamovers", k), f"unknown data mover {mover!r}", one_of(datamovers)
+                    )
+                elif mover in seen:
+                    problems.add(
+                        (*path, "datamovers", k), f"data mover {mover!r} is listed twice", "each once"
+                    )
+                seen.add(mover)
+
+
+def distinct_paths(data: dict[str, Any], problems: Problems) -> None:
+    """No two services may share a mountpoint or a namespace."""
+    for attribute in ("mountpoint", "namespace"):
+        owner: dict[str, str] = {}
+        for i, service in entries(data, "services"):
+            attributes = service.get("attributes")
+            if not isinstance(attributes, dict):
+                continue
+            value = attributes.get(attribute)
+            if not isinstance(value, str) or not value.startswith("/"):
+                continue
+            normal = "/" + "/".join(p for p in value.split("/") if p and p != ".")
+            name = service.get("name") if isinstance(service.get("name"), str) else f"#{i + 1}"
+            if normal in owner:
+                problems.add(
+                    ("services", i, "attributes", attribute),
+                    f"{attribute} {value!r} is already used by service {owner[normal]!r}",
+                    f"a {attribute} of its own for each service",
+                )
+            else:
+                owner[normal] = name
+
+
+def against_site(data: dict[str, Any], site: Site, problems: Problems) -> None:
+    """Every module, flavor, tier and service type the WDF names must exist on the site."""
+    modules = list(site.modules)
+    for i, service in entries(data, "services"):
+        kind = service.get("type")
+        if isinstance(kind, str) and kind not in site.service_types:
+            problems.add(
+                ("services", i, "type"),
+                f"service type {kind!r} is not offered by the site {site.path.name}",
+                one_of(list(site.service_types)),
+            )
+        attributes = service.get("attributes")
+        if not isinstance(attributes, dict):
+            continue
+        flavor = attributes.get("flavor")
+        if isinstance(flavor, str) and flavor not in site.flavors:
+            problems.add(
+                ("services", i, "attributes", "flavor"),
+                f"unknown flavor {flavor!r}",
+                one_of(list(site.flavors)),
+            )
+        location = attributes.get("location")
+        if isinstance(location, str) and location not in site.modules:
+            problems.add(
+                ("services", i, "attributes", "location"), f"unknown module {location!r}", one_of(modules)
+            )
+    for i, mover in entries(data, "datamovers"):
+        target = mover.get("target")
+        if isinstance(target, str) and target not in site.tiers:
+            problems.add(
+                ("datamovers", i, "target"), f"unknown storage tier {target!r}", one_of(list(site.tiers))
+            )
+    for i, step in entries(data, "steps"):
+        location = step.get("location")
+        if isinstance(location, str):
+            if location not in site.modules:
+                problems.add(("steps", i, "location"), f"unknown module {location!r}", one_of(modules))
+        elif isinstance(location, list):
+            for k, module in enumerate(location):
+                if isinstance(module, str) and module not in site.modules:
+                    problems.add(("steps", i, "location", k), f"unknown module {module!r}", one_of(modules))
+
+
+def _sub_entries(entry: dict[str, Any], key: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    items = entry.get(key)
+    if isinstance(items, list):
+        for j, item in enumerate(items):
+            if isinstance(item, dict):
+                yield j, item

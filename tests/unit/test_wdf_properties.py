@@ -1,0 +1,212 @@
+"""Property: whatever the bytes of a WDF, load_wdf returns a Workflow or raises WDFError.
+
+Random YAML documents, random mutations of the valid sample (keys deleted, types changed,
+entries duplicated, template expressions injected) and random bytes never produce any other
+exception (a traceback for the user). When the CLI is there, ``iosea-wf validate`` on the same
+file exits 0 or 2, never anything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from iosea_wf.errors import WDFError
+from iosea_wf.site import load_site
+from iosea_wf.wdf import Workflow, load_wdf
+
+SAMPLE = Path(__file__).parent / "wdf_valid" / "sample-wdf.yaml"
+SAMPLE_TEXT = SAMPLE.read_text(encoding="utf-8")
+SAMPLE_DATA = yaml.safe_load(SAMPLE_TEXT)
+VARIABLES = {
+    "NS1": "/datasets/ns1",
+    "NS2": "/datasets/ns2",
+    "SESSION": "s1",
+    "USER": "alice",
+    "WORKFLOW": "wf",
+}
+SETTINGS = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(
+        ["sbatch x.sh", "{{ NS1 }}", "{{ x.y }}", "/mnt/a", "RO", "step_start", "flash", "2Gi", "NFS"]
+    ),
+)
+keys = st.one_of(
+    st.sampled_from(["workflow", "name", "services", "datamovers", "steps", "type", "attributes", "command"]),
+    st.text(max_size=8),
+)
+documents = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4)
+)
+injections = st.sampled_from(
+    [
+        "{{ x.y }}",
+        "{{ a|e }}",
+        "{{ f() }}",
+        "{% for x in y %}{% endfor %}",
+        "{# c #}",
+        "{{",
+        "{{ UNDEFINED }}",
+        "}}",
+    ]
+)
+
+
+HAS_CLI = importlib.util.find_spec("iosea_wf.cli") is not None
+
+
+@pytest.fixture(scope="module")
+def site():
+    return load_site("inventories/local")
+
+
+@pytest.fixture(scope="module")
+def cli(site, tmp_path_factory):
+    """Run ``iosea-wf validate`` in-process (the site loaded once); None without a CLI."""
+    if not HAS_CLI:
+        yield None
+        return
+    from iosea_wf import cli as cli_module
+
+    state = tmp_path_factory.mktemp("wdf-cli-state")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("iosea_wf.manager.load_site", lambda *_args, **_kwargs: site)
+
+        def validate(path: Path) -> int:
+            argv = ["validate", f"WORKFLOW={path}", f"NS1={VARIABLES['NS1']}", f"NS2={VARIABLES['NS2']}"]
+            return cli_module.main([*argv, "--state-dir", str(state)])
+
+        yield validate
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("wdf-properties")
+
+
+def load_never_crashes(path: Path, site, cli=None) -> None:
+    """load_wdf gives a JSON-able Workflow or a WDFError with placed problems; nothing else."""
+    if cli is not None:
+        assert cli(path) in (0, 2)
+    try:
+        workflow = load_wdf(path, VARIABLES, site)
+    except WDFError as exc:
+        assert exc.problems
+        for problem in exc.problems:
+            assert str(problem).startswith(str(path))
+        return
+    assert isinstance(workflow, Workflow)
+    data = json.loads(json.dumps(workflow.to_dict()))
+    assert Workflow.from_dict(data) == workflow
+
+
+def paths_in(data, prefix=()):
+    """Every key path of ``data`` (mapping keys and list indexes)."""
+    yield prefix
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from paths_in(v, (*prefix, k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from paths_in(v, (*prefix, i))
+
+
+ALL_PATHS = [p for p in paths_in(SAMPLE_DATA) if p]
+
+
+@st.composite
+def mutated_samples(draw):
+    """The sample with one to three random mutations."""
+    data = copy.deepcopy(SAMPLE_DATA)
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(ALL_PATHS))
+        parent = data
+        try:
+            for part in path[:-1]:
+                parent = parent[part]
+            current = parent[path[-1]]
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation removed or replaced this place
+        if not isinstance(parent, dict | list):
+            continue
+        action = draw(st.sampled_from(["delete", "retype", "duplicate", "inject", "replace"]))
+        if action == "delete":
+            del parent[path[-1]]
+        elif action == "retype":
+            parent[path[-1]] = draw(documents)
+        elif action == "duplicate" and isinstance(parent, list):
+            parent.insert(path[-1], copy.deepcopy(current))
+        elif action == "inject" and isinstance(current, str):
+            cut = draw(st.integers(0, len(current)))
+            parent[path[-1]] = current[:cut] + draw(injections) + current[cut:]
+        else:
+            parent[path[-1]] = draw(scalars)
+    return data
+
+
+@SETTINGS
+@given(document=documents)
+def test_random_yaml_documents(document, workdir, site):
+    path = workdir / "random.yaml"
+    path.write_text(yaml.safe_dump(document, allow_unicode=True), encoding="utf-8")
+    load_never_crashes(path, site)
+
+
+@SETTINGS
+@given(data=mutated_samples())
+def test_mutated_sample(data, workdir, site, cli):
+    path = workdir / "mutated.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    load_never_crashes(path, site, cli)
+
+
+@SETTINGS
+@given(
+    edits=st.lists(st.tuples(st.integers(0, len(SAMPLE_TEXT.encode())), st.binary(max_size=6)), max_size=4),
+    cut=st.integers(0, 3),
+)
+def test_sample_with_random_bytes(edits, cut, workdir, site):
+    raw = bytearray(SAMPLE_TEXT.encode())
+    for position, chunk in edits:
+        raw[position : position + cut] = chunk
+    path = workdir / "bytes.yaml"
+    path.write_bytes(bytes(raw))
+    load_never_crashes(path, site)
+
+
+@SETTINGS
+@given(
+    lines=st.lists(st.integers(0, len(SAMPLE_TEXT.splitlines()) - 1), max_size=3),
+    shift=st.sampled_from([-2, 2, 4]),
+)
+def test_sample_with_shifted_lines(lines, shift, workdir, site):
+    text = SAMPLE_TEXT.splitlines()
+    for index in lines:
+        line = text[index]
+        text[index] = line[min(-shift, len(line) - len(line.lstrip())) :] if shift < 0 else " " * shift + line
+    path = workdir / "shifted.yaml"
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    load_never_crashes(path, site)
+
+
+@SETTINGS
+@given(raw=st.binary(max_size=300))
+def test_random_bytes(raw, workdir, site, cli):
+    path = workdir / "binary.yaml"
+    path.write_bytes(raw)
+    load_never_crashes(path, site, cli)
