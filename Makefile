@@ -42,7 +42,7 @@ molecule: install  ## every role's Molecule scenario
 	done
 
 test: install lint site molecule  ## lint, bring the local site up, run the whole suite
-	$(BIN)/pytest -q tests
+	IOSEA_WF_REQUIRE_SITE=1 $(BIN)/pytest -q tests
 
 demo: install site  ## bring the local site up and run the example workflow end to end
 	bash examples/demo.sh
