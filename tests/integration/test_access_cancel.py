@@ -1,0 +1,190 @@
+"""Interactive access to a session, and cancel, on the real local site."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from iosea_wf import slurm
+from iosea_wf.identity import current_user
+from tests.integration.conftest import BIN
+
+WDF = """\
+workflow:
+  name: acc
+services:
+  - name: es1
+    type: NFS
+    attributes:
+      namespace: {ns1}
+      mountpoint: /mnt/iosea-test/{{{{ SESSION }}}}/es1
+  - name: es2
+    type: NFS
+    attributes:
+      namespace: {ns2}
+      mountpoint: /mnt/iosea-test/{{{{ SESSION }}}}/es2
+datamovers:
+  - name: archive
+    trigger: step_start
+    target: disk
+    operation: move
+    elements: "big/*"
+steps:
+  - name: archive_step
+    command: "sbatch -o /dev/null ok.sh"
+    services:
+      - name: es2 RW
+        datamovers: [archive]
+  - name: long
+    command: "sbatch -o /dev/null long.sh"
+    services:
+      - name: es1 RO
+"""
+
+
+@pytest.fixture
+def session(tmp_path, monkeypatch, iosea):
+    work = tmp_path / "w"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    ns1, ns2 = tmp_path / "ns1", tmp_path / "ns2"
+    ns1.mkdir()
+    ns2.mkdir()
+    (ns1 / "a.txt").write_text("from es1\n")
+    (ns2 / "b.txt").write_text("from es2\n")
+    (work / "wf.yaml").write_text(WDF.format(ns1=ns1, ns2=ns2))
+    (work / "ok.sh").write_text("#!/bin/bash\ntrue\n")
+    (work / "long.sh").write_text("#!/bin/bash\nsleep 600\n")
+    assert iosea("start", "WORKFLOW=wf.yaml", "SESSION=acc").code == 0
+    yield {"work": work, "ns1": ns1, "ns2": ns2}
+    iosea("stop", "SESSION=acc", "--force")
+
+
+def test_access_command_reads_every_service_and_returns_its_exit_code(iosea_proc, session):
+    cmd = 'cat "$IOSEA_SERVICE_ES1_MOUNTPOINT/a.txt" "$IOSEA_SERVICE_ES2_MOUNTPOINT/b.txt"; exit 7'
+    r = iosea_proc("access", "SESSION=acc", "--immediate", "--", "sh", "-c", cmd)
+    assert r.stdout == "from es1\nfrom es2\n", r.stderr
+    assert r.returncode == 7
+
+
+def test_access_interactive_shell_in_the_allocation(cli_env, session):
+    child = pexpect.spawn(
+        str(BIN / "iosea-wf"),
+        ["access", "SESSION=acc"],
+        env={**cli_env, "SHELL": "/bin/sh", "PS1": "acc$ "},
+        encoding="utf-8",
+        timeout=60,
+    )
+    try:
+        child.expect_exact("acc$ ")
+        child.sendline('echo "job=$SLURM_JOB_ID"; cat "$IOSEA_SERVICE_ES2_MOUNTPOINT/b.txt"')
+        child.expect(r"job=(\d+)")
+        job = child.match.group(1)
+        child.expect_exact("from es2")
+        assert slurm.job_states([job])[job].state == "RUNNING"
+        child.sendline("exit 0")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_stop_waits_for_access_and_force_ends_it(iosea_proc, cli_env, session):
+    access = subprocess.Popen(
+        [str(BIN / "iosea-wf"), "access", "SESSION=acc", "--", "sleep", "8"],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        st = json.loads(iosea_proc("status", "SESSION=acc", "--json").stdout)
+        if st["accesses"] and st["accesses"][0]["job_id"]:
+            break
+        time.sleep(0.3)
+    assert st["accesses"][0]["state"] in ("RUNNING", "STARTING")
+    t0 = time.time()
+    r = iosea_proc("stop", "SESSION=acc")
+    assert r.returncode == 0, r.stderr
+    assert "waiting for job(s)" in r.stderr
+    assert time.time() - t0 > 2  # it waited for the access to end by itself
+    assert access.wait(30) == 0
+
+
+def test_stop_force_ends_an_open_access(iosea_proc, cli_env, session):
+    access = subprocess.Popen(
+        [str(BIN / "iosea-wf"), "access", "SESSION=acc", "--", "sleep", "300"],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if json.loads(iosea_proc("status", "SESSION=acc", "--json").stdout)["accesses"]:
+            break
+        time.sleep(0.3)
+    t0 = time.time()
+    r = iosea_proc("stop", "SESSION=acc", "--force")
+    assert r.returncode == 0, r.stderr
+    assert time.time() - t0 < 60
+    access.wait(30)
+    assert access.returncode != 0
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_cancel_during_large_move_loses_nothing_and_rerun_completes(iosea, session):
+    big = session["ns2"] / "big"
+    big.mkdir()
+    originals = {}
+    for i in range(96):
+        data = os.urandom(1 << 20) * 8  # 8 MiB, 768 MiB in all
+        (big / f"f{i:03}.bin").write_bytes(data)
+        originals[f"f{i:03}.bin"] = hashlib.sha256(data).hexdigest()
+    view = iosea("run", "SESSION=acc", "STEP=archive_step", "--json").json()
+    mover = view["datamovers"][0]
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        m = iosea("status", "SESSION=acc", "--json").json()["steps"][0]["datamovers"][0]
+        if m["progress"] and m["progress"]["files_done"] >= 3:
+            break
+        time.sleep(0.1)
+    r = iosea("cancel", "SESSION=acc", "STEP=archive_step", "--json")
+    assert r.code == 0 and mover["job_id"] in r.json()["cancelled"]
+    deadline = time.time() + 30
+    while time.time() < deadline and slurm.job_states([mover["job_id"]])[mover["job_id"]].active:
+        time.sleep(0.2)
+    status = iosea("status", "SESSION=acc", "--json").json()
+    inst = status["steps"][0]
+    assert inst["datamovers"][0]["state"] == "CANCELLED", inst
+    assert inst["state"] in ("CANCELLED", "SKIPPED")
+    progress = inst["datamovers"][0]["progress"]
+    assert progress["state"] == "cancelled" and 0 < progress["files_done"] < 96, progress
+    target = Path(
+        next(t["path"] for t in iosea("show", "tiers", "--json").json()["tiers"] if t["name"] == "disk")
+    )
+    dest = target / current_user() / "acc" / "es2" / "big"
+    # every file complete at the source or at the target (or both), never half
+    for name, digest in originals.items():
+        here = [p for p in (big / name, dest / name) if p.exists()]
+        assert here, f"{name} lost"
+        assert all(_sha(p) == digest for p in here), f"{name} is not complete"
+    # a rerun completes the move
+    r = iosea("run", "SESSION=acc", "STEP=archive_step", "--wait")
+    assert r.code == 0, r.err
+    assert sorted(p.name for p in dest.iterdir()) == sorted(originals)
+    assert list(big.iterdir()) == []
+    assert all(_sha(dest / n) == d for n, d in originals.items())
+    shutil.rmtree(target / current_user() / "acc", ignore_errors=True)
