@@ -1,0 +1,189 @@
+"""``iosea-wf-mover``: the data-mover command the orchestrator runs in a Slurm job (or a sysadmin by hand).
+
+    iosea-wf-mover {copy|move} --source DIR --target DIR [--workers N] [--progress FILE]
+                   [--strict] [--fsync] PATTERN...
+
+Exit codes: 0 ok; 1 some files failed (each reported, the others transferred); 2 usage error (bad
+arguments, a pattern escaping the source; nothing done); 3 the source directory is missing; 4 the
+target is full (ENOSPC/EDQUOT; temp file removed, stopped); 5 ``--strict`` and a pattern matched
+nothing; 130 cancelled by SIGINT; 143 cancelled by SIGTERM. A cancelled or killed run is finished by
+rerunning the same command. Every message line starts with ``iosea-wf-mover: ``; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from iosea_wf.mover import engine
+from iosea_wf.mover.errors import EXIT_CODES, EXIT_FILES_FAILED, EXIT_USAGE, MoverError, MoverUsageError
+
+PROG = "iosea-wf-mover"
+
+_EPILOG = (
+    "patterns:\n"
+    "  relative globs resolved under --source ('*', '?', '[...]' within a path component, '**' for\n"
+    "  any depth; a leading dot is not special); the relative layout is kept under --target. Matched\n"
+    "  directories are taken recursively. '..', absolute patterns and symlinks leading out of the\n"
+    "  source are refused. Symlinks inside the source are copied as symlinks.\n"
+    "\n"
+    "integrity:\n"
+    "  each file is written to .<name>.iosea-tmp-<hex>, hashed (xxh3-128) as it streams, re-read and\n"
+    "  verified, then renamed into place; mode and mtime are kept. move deletes a source only once\n"
+    "  its copy is verified. Rerun the same command after an interruption to finish it.\n"
+    "\n"
+    "exit codes:\n" + "".join(f"  {code:<4} {text}\n" for code, text in EXIT_CODES.items())
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit by itself
+        raise MoverUsageError(f"{message} (see {PROG} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``iosea-wf-mover``."""
+    p = _Parser(
+        prog=PROG,
+        description="Copy or move the elements of a service namespace (glob patterns) to a storage tier.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "operation", choices=engine.OPERATIONS, help="copy, or move (delete each source once verified)"
+    )
+    p.add_argument("--source", required=True, metavar="DIR", help="directory the patterns are resolved under")
+    p.add_argument("--target", required=True, metavar="DIR", help="directory receiving the same layout")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help=f"parallel copy threads (default: two per core, 2..16; here {engine.default_workers()})",
+    )
+    p.add_argument("--progress", metavar="FILE", help="keep a JSON progress document in FILE")
+    p.add_argument(
+        "--strict", action="store_true", help="exit 5 (doing nothing) if a pattern matches nothing"
+    )
+    p.add_argument(
+        "--fsync",
+        action="store_true",
+        help="move: flush the target filesystem to disk before deleting sources (survives node crashes)",
+    )
+    p.add_argument("patterns", nargs="+", metavar="PATTERN", help="relative glob under --source")
+    return p
+
+
+def _say(text: str, console=None) -> None:
+    lines = "\n".join(f"{PROG}: {line}" for line in text.splitlines() or [""])
+    if console is not None:
+        console.print(lines, markup=False, highlight=False)
+    else:
+        print(lines, file=sys.stderr, flush=True)
+
+
+class _Bar:
+    """A rich progress bar on stderr, only built when stderr is a terminal."""
+
+    def __init__(self, operation: str):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn(f"{operation} "),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[files]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(operation, total=None, files="")
+        self.progress.start()
+
+    def update(self, snap, _reporter) -> None:
+        self.progress.update(
+            self.task,
+            total=snap.bytes_total or None,
+            completed=snap.bytes_done,
+            files=f"{snap.files_done}/{snap.files_total} files",
+        )
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``iosea-wf-mover`` and return its exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except MoverUsageError as e:
+        _say(f"error: {e}")
+        return EXIT_USAGE
+
+    cancel = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, _frame):
+        # Only flag it: the engine stops at the next chunk boundary and cleans up its temp files.
+        received.append(signum)
+        cancel.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    bar = _Bar(args.operation) if sys.stderr.isatty() else None
+    console = bar.console if bar else None
+    try:
+        result = engine.transfer(
+            args.operation,
+            args.source,
+            args.target,
+            args.patterns,
+            workers=args.workers,
+            progress_path=args.progress,
+            strict=args.strict,
+            fsync=args.fsync,
+            cancel=cancel,
+            on_message=lambda kind, text: _say(f"{kind}: {text}", console),
+            on_progress=bar.update if bar else None,
+        )
+    except MoverError as e:
+        if bar:
+            bar.stop()
+        _say(f"error: {e}", console)
+        return e.exit_code
+    except OSError as e:
+        if bar:
+            bar.stop()
+        _say(f"error: {e.strerror}: {e.filename}" if e.filename else f"error: {e}", console)
+        return EXIT_FILES_FAILED
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if bar:
+        bar.stop()
+    if result.state == "cancelled":
+        signum = received[0] if received else signal.SIGTERM
+        _say(f"{result.operation} cancelled by signal {signum}; rerun the same command to finish it", console)
+        return 128 + signum
+    rate = result.bytes_copied / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    _say(
+        f"{result.operation} {result.state}: {result.files_done}/{result.files_total} files, "
+        f"{result.bytes_done} bytes ({result.bytes_copied} copied now, {rate / 1e6:.1f} MB/s) "
+        f"in {result.elapsed_s:.2f} s" + (f", {result.files_failed} failed" if result.files_failed else ""),
+        console,
+    )
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Resolve a mover's glob patterns under the source directory into the plan of elements to transfer.
+
+Pattern rules (``fnmatch`` per path component, so a leading dot is not special):
+
+* patterns are relative to the source; ``*``, ``?`` and ``[...]`` match inside one component, a
+  component that is exactly ``**`` matches any number of directories (zero included);
+* a matched directory is taken recursively; a matched file or symlink is taken as is;
+* absolute patterns, ``..`` components, and a pattern whose literal part goes through or names a
+  symlink that points outside the source are refused (:class:`MoverUsageError`, nothing is done);
+* symlinks are never followed while walking; a symlink found by a wildcard or inside a matched
+  directory is copied as a symlink when it resolves inside the source, and reported as a per-file
+  error otherwise;
+* FIFOs, sockets and devices are reported as per-file errors (opening a FIFO would block forever);
+* the mover's own journal directory and temporary files, and the target directory when it lies
+  inside the source, are never matched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from iosea_wf.mover.errors import MoverUsageError
+
+JOURNAL_DIR = ".iosea-mover"
+TEMP_MARK = ".iosea-tmp-"
+TEMP_RE = re.compile(r"\A\..*\.iosea-tmp-[0-9a-f]+\Z", re.S)
+_MAGIC = re.compile(r"[*?\[]")
+
+
+@dataclass(slots=True)
+class Entry:
+    """One element to transfer: a regular file or a symlink, by its path relative to the source."""
+
+    rel: str
+    kind: str  # "file" or "link"
+    size: int
+    mtime_ns: int
+    mode: int = 0o644  # permission bits
+    link: str | None = None  # symlink text to create at the target (absolute ones made relative)
+
+
+@dataclass
+class Plan:
+    """Everything the patterns select, plus what went wrong while selecting it."""
+
+    entries: list[Entry] = field(default_factory=list)
+    dirs: set[str] = field(default_factory=set)  # every source dir holding an entry ("" is the root)
+    matched_dirs: set[str] = field(default_factory=set)  # dirs a pattern named (emptied by a move)
+    tree_dirs: set[str] = field(default_factory=set)  # every dir inside a matched dir (rmdir'ed by a move)
+    errors: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def split_pattern(pattern: str) -> list[str]:
+    """Validate one pattern and return its path components; raise MoverUsageError if it escapes."""
+    if not pattern or "\0" in pattern:
+        raise MoverUsageError(f"invalid pattern {pattern!r}")
+    if pattern.startswith("/"):
+        raise MoverUsageError(f"pattern {pattern!r} is absolute; patterns are relative to --source")
+    comps = [c for c in pattern.split("/") if c not in ("", ".")]
+    if ".." in comps:
+        raise MoverUsageError(f"pattern {pattern!r} leaves the source ('..' is refused)")
+    if not comps:
+        raise MoverUsageError(f"pattern {pattern!r} names the source itself; use '*' or '**'")
+    return comps
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
+def link_text_inside(link_abs: str, root: str) -> str | None:
+    """Return the text to give a copy of symlink ``link_abs``, or None when it resolves outside ``root``."""
+    text = os.readlink(link_abs)
+    if not _inside(os.path.realpath(link_abs), root):
+        return None
+    if os.path.isabs(text):
+        # Copied verbatim, an absolute link would keep pointing into the source (dangling after a
+        # move); relative to its own directory it points to the same element inside the copy.
+        return os.path.relpath(os.path.normpath(text), os.path.dirname(link_abs))
+    return text
+
+
+class _Resolver:
+    def __init__(self, root: str, skip: tuple[int, int] | None, cancelled: Callable[[], bool]):
+        self.root = root
+        self.skip = skip  # (st_dev, st_ino) of the target when it lies inside the source
+        self.cancelled = cancelled
+        self.plan = Plan()
+        self.seen: set[str] = set()
+        self.trees: set[str] = set()  # dirs already taken whole: '**' yields each of their subdirs too
+
+    def _skipped_name(self, name: str) -> bool:
+        return name == JOURNAL_DIR or (TEMP_MARK in name and TEMP_RE.match(name) is not None)
+
+    def _is_skipped_dir(self, st: os.stat_result) -> bool:
+        return self.skip is not None and (st.st_dev, st.st_ino) == self.skip
+
+    def match(self, pattern: str, comps: list[str]) -> bool:
+        """Add to the plan what one pattern matches; return whether it matched anything."""
+        found = False
+        for rel, st in self._walk("", comps, literal=True, pattern=pattern):
+            found = True
+            self._take(rel, st, named=True)
+        return found
+
+    def _walk(self, rel: str, comps: list[str], literal: bool, pattern: str) -> Iterator:
+        here = os.path.join(self.root, rel) if rel else self.root
+        if not comps:
+            yield rel, os.lstat(here)
+            return
+        head, rest = comps[0], comps[1:]
+        if head == "**":
+            yield from self._walk(rel, rest, False, pattern)
+            for name, st in self._children(here):
+                if stat.S_ISDIR(st.st_mode):
+                    yield from self._walk(_join(rel, name), comps, False, pattern)
+            return
+        if not _MAGIC.search(head):
+            child = _join(rel, head)
+            try:
+                st = os.lstat(os.path.join(self.root, child))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            if self._skipped_name(head) or (stat.S_ISDIR(st.st_mode) and self._is_skipped_dir(st)):
+                return
+            if stat.S_ISLNK(st.st_mode):
+                if literal and not _inside(os.path.realpath(os.path.join(self.root, child)), self.root):
+                    raise MoverUsageError(
+                        f"pattern {pattern!r} leaves the source (symlink {child!r} points outside it)"
+                    )
+                if rest:
+                    self.plan.notes.append(f"pattern {pattern!r}: symlink {child!r} is not followed")
+                    return
+            if not rest:
+                yield child, st
+            elif stat.S_ISDIR(st.st_mode):
+                yield from self._walk(child, rest, literal, pattern)
+            return
+        rx = re.compile(fnmatch.translate(head))
+        for name, st in self._children(here):
+            if rx.match(name):
+                if not rest:
+                    yield _join(rel, name), st
+                elif stat.S_ISDIR(st.st_mode):
+                    yield from self._walk(_join(rel, name), rest, False, pattern)
+
+    def _children(self, path: str) -> Iterator[tuple[str, os.stat_result]]:
+        try:
+            with os.scandir(path) as it:
+                items = []
+                for de in it:
+                    if self._skipped_name(de.name):
+                        continue
+                    st = de.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode) and self._is_skipped_dir(st):
+                        continue
+                    items.append((de.name, st))
+        except OSError as e:
+            self.plan.errors.append(f"{os.path.relpath(path, self.root)}: cannot list: {e.strerror}")
+            return iter(())
+        items.sort()
+        return iter(items)
+
+    def _take(self, rel: str, st: os.stat_result, named: bool) -> None:
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            if named:
+                self.plan.matched_dirs.add(rel)
+            if not self._in_taken_tree(rel):
+                self.trees.add(rel)
+                self._take_tree(rel)
+            return
+        if rel in self.seen:
+            return
+        self.seen.add(rel)
+        if stat.S_ISREG(mode):
+            self._add(Entry(rel, "file", st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)))
+        elif stat.S_ISLNK(mode):
+            text = link_text_inside(os.path.join(self.root, rel), self.root)
+            if text is None:
+                self.plan.errors.append(f"{rel}: symlink points outside the source; refused")
+            else:
+                self._add(Entry(rel, "link", 0, st.st_mtime_ns, link=text))
+        else:
+            self.plan.errors.append(f"{rel}: not a regular file, directory or symlink; refused")
+
+    def _in_taken_tree(self, rel: str) -> bool:
+        while True:
+            if rel in self.trees:
+                return True
+            if not rel:
+                return False
+            rel = os.path.dirname(rel)
+
+    def _add(self, entry: Entry) -> None:
+        self.plan.entries.append(entry)
+        parent = os.path.dirname(entry.rel)
+        while parent not in self.plan.dirs:
+            self.plan.dirs.add(parent)
+            if not parent:
+                break
+            parent = os.path.dirname(parent)
+
+    def _take_tree(self, top: str) -> None:
+        stack = [top]
+        while stack:
+            if self.cancelled():
+                return
+            rel = stack.pop()
+            self.plan.tree_dirs.add(rel)
+            subdirs = []
+            for name, st in self._children(os.path.join(self.root, rel) if rel else self.root):
+                child = _join(rel, name)
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(child)
+                else:
+                    self._take(child, st, named=False)
+            stack.extend(reversed(subdirs))
+
+
+def _join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+def resolve(
+    source: str,
+    patterns: list[str],
+    skip: tuple[int, int] | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Plan:
+    """Return the plan of what ``patterns`` select under the (real, absolute) ``source`` directory."""
+    split = [(p, split_pattern(p)) for p in patterns]  # validate all before touching the disk
+    resolver = _Resolver(source, skip, cancelled)
+    for pattern, comps in split:
+        if not resolver.match(pattern, comps):
+            resolver.plan.unmatched.append(pattern)
+    return resolver.plan
