@@ -277,7 +277,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output (scripts, logs, `make demo`) is not cut to 80 columns.
+    width = None if stream.isatty() else 240
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def _when(ts: float | None) -> str:
@@ -293,7 +296,7 @@ def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None
 
     t = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*[str(x) if x is not None else "-" for x in r])
     _console().print(t)
