@@ -133,6 +133,7 @@ def run_playbook(
             envvars=envvars,
             ident=ident,
             quiet=not verbose,
+            forks=16,
             event_handler=handle,
             settings={"suppress_ansible_output": not verbose},
         )
