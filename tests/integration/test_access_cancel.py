@@ -137,7 +137,8 @@ def test_stop_force_ends_an_open_access(iosea_proc, cli_env, session):
     r = iosea_proc("stop", "SESSION=acc", "--force")
     assert r.returncode == 0, r.stderr
     assert time.time() - t0 < 60
-    access.wait(30)
+    # srun inside the revoked allocation waits up to KillWait (30 s) + 2 s for its step to end.
+    access.wait(60)
     assert access.returncode != 0
 
 

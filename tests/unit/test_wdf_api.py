@@ -27,17 +27,11 @@ from iosea_wf.wdf.loader import _yaml_problem
 from iosea_wf.wdf.problems import Problems
 from iosea_wf.wdf.schema import size
 from iosea_wf.wdf.variables import template_problem
+from tests.unit.wdf_fixtures import VARIABLES
 
 HERE = Path(__file__).parent
 SAMPLE = HERE / "wdf_valid" / "sample-wdf.yaml"
 V16 = HERE / "wdf_valid" / "iosea-wm-v1.6-style.yaml"
-VARIABLES = {
-    "NS1": "/datasets/ns1",
-    "NS2": "/datasets/ns2",
-    "SESSION": "s1",
-    "USER": "alice",
-    "WORKFLOW": "wf",
-}
 
 MINIMAL = """\
 workflow:

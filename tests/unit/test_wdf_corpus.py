@@ -14,18 +14,12 @@ import pytest
 from iosea_wf.errors import WDFError
 from iosea_wf.site import load_site
 from iosea_wf.wdf import Workflow, load_wdf
+from tests.unit.wdf_fixtures import VARIABLES
 
 HERE = Path(__file__).parent
 VALID = sorted((HERE / "wdf_valid").glob("*.yaml"))
 INVALID = sorted((HERE / "wdf_invalid").glob("*.yaml"))
 DESIGN_NOTE = HERE.parents[2] / "shared" / "spec" / "workflow-manager-design-note.txt"
-VARIABLES = {
-    "NS1": "/datasets/ns1",
-    "NS2": "/datasets/ns2",
-    "SESSION": "s1",
-    "USER": "alice",
-    "WORKFLOW": "wf",
-}
 EXPECT = re.compile(rb"^# expect: line (\d+): (.+)$")
 
 

@@ -21,17 +21,11 @@ from hypothesis import strategies as st
 from iosea_wf.errors import WDFError
 from iosea_wf.site import load_site
 from iosea_wf.wdf import Workflow, load_wdf
+from tests.unit.wdf_fixtures import VARIABLES
 
 SAMPLE = Path(__file__).parent / "wdf_valid" / "sample-wdf.yaml"
 SAMPLE_TEXT = SAMPLE.read_text(encoding="utf-8")
 SAMPLE_DATA = yaml.safe_load(SAMPLE_TEXT)
-VARIABLES = {
-    "NS1": "/datasets/ns1",
-    "NS2": "/datasets/ns2",
-    "SESSION": "s1",
-    "USER": "alice",
-    "WORKFLOW": "wf",
-}
 SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
