@@ -30,9 +30,10 @@ _EPILOG = (
     "  source are refused. Symlinks inside the source are copied as symlinks.\n"
     "\n"
     "integrity:\n"
-    "  each file is written to .<name>.iosea-tmp-<hex>, hashed (xxh3-128) as it streams, re-read and\n"
-    "  verified, then renamed into place; mode and mtime are kept. move deletes a source only once\n"
-    "  its copy is verified. Rerun the same command after an interruption to finish it.\n"
+    "  each file is written to .<name>.iosea-tmp-<hex>, hashed (xxh3-128) as it streams, checked\n"
+    "  (lengths, source unchanged), then renamed into place; mode and mtime are kept. move deletes\n"
+    "  a source only once its copy is verified and the target filesystem synced to disk. Rerun the\n"
+    "  same command after an interruption to finish it.\n"
     "\n"
     "exit codes:\n" + "".join(f"  {code:<4} {text}\n" for code, text in EXIT_CODES.items())
 )
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         metavar="N",
-        help=f"parallel copy threads (default: two per core, 2..16; here {engine.default_workers()})",
+        help=f"parallel worker processes (default: two per core, 2..16; here {engine.default_workers()})",
     )
     p.add_argument("--progress", metavar="FILE", help="keep a JSON progress document in FILE")
     p.add_argument(
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fsync",
         action="store_true",
-        help="move: flush the target filesystem to disk before deleting sources (survives node crashes)",
+        help="fsync each file before renaming it into place (move syncs the target filesystem before"
+        " deleting sources in any case)",
     )
     p.add_argument("patterns", nargs="+", metavar="PATTERN", help="relative glob under --source")
     return p

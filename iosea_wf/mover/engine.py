@@ -8,49 +8,56 @@ Integrity argument
 * Each file is written to ``.<name>.iosea-tmp-<hex>`` in its target directory and renamed over its
   final name only when complete, so a reader (or a crash) never sees a partial file under a final
   name: rename(2) within one directory is atomic.
-* The source is read once; every chunk is hashed (xxh3-128, >10 GB/s, so it is not the bottleneck)
-  as it streams to the temp file. The temp file is then re-read from the target filesystem and
-  hashed again; the rename happens only if both digests and lengths agree and the source's size and
-  mtime did not change during the copy. That catches short or misplaced writes, truncation by
-  another process, and a target filesystem that returns other bytes than were written. Just after
-  writing, the re-read is served from the page cache, so it costs a memory pass, not a disk pass
-  (measured: the verified copy stays within the aims in ``bench/mover.py``); it does not prove the
-  platters hold the data, which is what ``--fsync`` is for. Kernel copy paths (copy_file_range,
-  sendfile) were measured too: they never show the bytes to user space, so verifying would need
-  two extra reads (source and target) instead of one, which measured no faster.
+* The source is read once; its bytes are hashed (xxh3-128) from the very buffer handed to write(2),
+  so the digest describes exactly what was written. A small file (< 1 MiB) is one read of size+1
+  bytes (a short or long read means it changed) and one write whose count must be the whole file.
+  A large file is streamed in chunks, then re-read from the target and hashed again. The rename
+  happens only if the lengths (and digests) agree and the source's size and mtime (fstat of the
+  open descriptor after the last read) are still those of the plan. ``--fsync`` adds an fsync of
+  each temp file before its rename.
 * ``move`` deletes a source only after its copy was verified and renamed into place, and only after
-  it checked that the source still has the size and mtime it had when copied. Deletions are
-  deferred to the end of the copy phase (or a cancellation), so with ``fsync=True`` one ``syncfs``
-  of the target makes every copy durable before any source is unlinked. Without it a kill -9 still
-  loses nothing (the page cache belongs to the kernel, not to the process); only a node crash
-  between deletion and write-back could. Every file is therefore at any moment complete at the
-  source, complete at the target, or both.
+  it checked (lstat) that the source still has the size and mtime it had when copied. Before
+  deleting a group of sources a worker calls ``syncfs`` on the target filesystem once (groups are
+  formed every 0.5 s and at the end), so a moved file's data is on stable storage before its source
+  is gone: a kill -9 *or a node crash* at any moment leaves each file complete at the source, at
+  the target, or both.
+* Worker processes (forked, so they share the plan) ask the kernel to SIGKILL them when the parent
+  dies (PR_SET_PDEATHSIG, plus a getppid() check for a parent that died before that took effect),
+  so a kill -9 of the mover stops its workers too; each of their steps above is atomic or leaves
+  only a temp file. They ignore SIGTERM/SIGINT: the parent relays a cancellation through a shared
+  stop flag that they poll per file and per chunk, so a cancelled run removes its in-flight temp
+  files, deletes (move) only what was verified, and exits 143/130.
 * Resuming: stale temp files in the target directories are removed first. An element already at the
   target with the source's size and mtime is verified rather than copied again: when the journal
-  (:mod:`iosea_wf.mover.journal`) recorded it, for ``copy`` the journal line is trusted and for
-  ``move`` the target is re-hashed against the recorded digest before the source is deleted;
-  without a journal line both sides are hashed and compared. Anything else is copied again.
+  (:mod:`iosea_wf.mover.journal`, one append per batch of files by each worker) recorded it, for
+  ``copy`` the journal line is trusted and for ``move`` the target is re-hashed against the recorded
+  digest before the source is deleted; without a journal line both sides are hashed and compared.
+  Anything else is copied again.
 * When a run ends (completed or failed) its journal is removed; a cancelled or killed run keeps it
   for the rerun. Source directories a ``move`` emptied are removed when they were part of a matched
   directory; target directories get their source mode and mtime at the end of the copy phase.
 
-Speed: threads do the I/O (syscalls release the GIL); work is handed out in batches (a large file
-alone, small files by the hundred) so the per-file cost is a handful of syscalls, not a task each.
+Speed: small files cost kernel calls, and with threads the Python work between them is serialised
+by the GIL, so the work runs in worker processes (default two per core). Work is handed out in
+batches through a pipe (a large file alone, small files by the hundred); a worker keeps its
+directories open and works relative to them, and progress counters live in shared memory, so the
+per-file cost is the minimum of kernel calls: open, create, read, write, fstat, futimens, close,
+rename (and for move lstat and unlink, spread over the workers too).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import itertools
+import gc
+import mmap
 import os
+import select
+import signal
 import stat
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 
 from iosea_wf.mover import filecopy
 from iosea_wf.mover.errors import (
@@ -70,10 +77,15 @@ from iosea_wf.mover.progress import MIN_INTERVAL_S, ProgressReporter, Snapshot
 OPERATIONS = ("copy", "move")
 _BATCH_FILES = 256
 _BATCH_BYTES = 16 << 20
+_DELETE_EVERY_S = 0.5  # move: a worker syncs the target and deletes its verified sources this often
+_PR_SET_PDEATHSIG = 1
+_STOP = 0  # slot of the shared stop flag; then (files, bytes, verified bytes) per worker
+_SLOTS = 3
+_MSG_MAX = 3000  # one message per pipe write, well under PIPE_BUF (4096): never interleaved
 
 
 def default_workers() -> int:
-    """Return the default number of worker threads: two per usable core, between 2 and 16."""
+    """Return the default number of worker processes: two per usable core, between 2 and 16."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -81,22 +93,25 @@ def default_workers() -> int:
     return max(2, min(16, 2 * cores))
 
 
-@dataclass
 class TransferResult:
     """What a transfer did; ``exit_code`` is the one the console script exits with."""
 
-    operation: str
-    state: str  # "completed", "failed" or "cancelled"
-    exit_code: int
-    files_total: int = 0
-    files_done: int = 0
-    files_failed: int = 0
-    bytes_total: int = 0
-    bytes_done: int = 0
-    bytes_copied: int = 0
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    elapsed_s: float = 0.0
+    def __init__(self, operation: str, state: str, exit_code: int, **counts):
+        self.operation = operation
+        self.state = state  # "completed", "failed" or "cancelled"
+        self.exit_code = exit_code
+        self.files_total: int = counts.get("files_total", 0)
+        self.files_done: int = counts.get("files_done", 0)
+        self.files_failed: int = counts.get("files_failed", 0)
+        self.bytes_total: int = counts.get("bytes_total", 0)
+        self.bytes_done: int = counts.get("bytes_done", 0)
+        self.bytes_copied: int = counts.get("bytes_copied", 0)
+        self.errors: list[str] = counts.get("errors", [])
+        self.warnings: list[str] = counts.get("warnings", [])
+        self.elapsed_s: float = counts.get("elapsed_s", 0.0)
+
+    def __repr__(self) -> str:
+        return f"TransferResult({self.__dict__!r})"
 
 
 class _Counter:
@@ -107,25 +122,33 @@ class _Counter:
         self.files = 0
         self.verified = 0  # bytes found already complete at the target (hashed, not copied)
 
-    def add(self, n: int) -> None:
-        self.bytes += n
-
 
 def _join(root: str, rel: str) -> str:
     return os.path.join(root, rel) if rel else root
 
 
-def _syncfs(path: str) -> None:
-    """Flush the filesystem holding ``path`` to stable storage (syncfs, or sync where missing)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
+class _Libc:
+    """The two libc calls Python lacks (syncfs, prctl); ctypes is loaded once, before forking."""
+
+    def __init__(self) -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            self.syncfs = libc.syncfs
+            self.prctl = libc.prctl
+        except (AttributeError, OSError):
+            self.syncfs = self.prctl = None
+
+    def sync_fs(self, fd: int) -> None:
+        """Flush the filesystem holding ``fd`` to stable storage (syncfs, or sync where missing)."""
+        if self.syncfs is None or self.syncfs(fd) != 0:
             os.sync()
-    except (AttributeError, OSError):
-        os.sync()
-    finally:
-        os.close(fd)
+
+    def die_with_parent(self, parent: int) -> None:
+        """Have the kernel SIGKILL this process when ``parent`` dies (kill -9 included)."""
+        if self.prctl is not None:
+            self.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 class _Transfer:
@@ -140,43 +163,18 @@ class _Transfer:
         self.fsync = fsync
         self.on_message = on_message
         self.on_progress = on_progress
-        self.halt = threading.Event()
         self.full = False
-        self.errors: list[str] = []  # appended from worker threads: list.append is atomic
+        self.errors: list[str] = []
         self.warnings: list[str] = []
         self._reported = 0
-        self.counters: list[_Counter] = []
         self.base = _Counter()  # elements found complete before the workers started
-        self.journal_q: deque = deque()
-        self.to_delete: deque = deque()  # (source path, size, mtime_ns) verified at the target
-        self.local = threading.local()
-        self.token = os.urandom(4).hex()
-        self.seq = itertools.count()
-        self.made_dirs: set[str] = set()
+        self.shared = None  # memoryview over a shared mmap: stop flag and per-worker counters
+        self.batch_list: list[list] = []
         self.plan = Plan()
         self.bytes_total = 0
         self.journal = Journal(target, source)
-
-    # -- helpers shared by threads -------------------------------------------------------------
-    def stopping(self) -> bool:
-        return self.halt.is_set() or self.cancel.is_set()
-
-    def _thread_state(self):
-        tl = self.local
-        if not hasattr(tl, "buf"):
-            tl.buf = bytearray(filecopy.BUF_SIZE)
-            tl.counter = _Counter()
-            self.counters.append(tl.counter)
-        return tl
-
-    def _tmp_for(self, dst: str) -> str:
-        head, name = os.path.split(dst)
-        return os.path.join(head, filecopy.temp_name(name, f"{self.token}{next(self.seq):x}"))
-
-    def _ensure_dir(self, path: str) -> None:
-        if path not in self.made_dirs:
-            os.makedirs(path, exist_ok=True)
-            self.made_dirs.add(path)
+        self.libc: _Libc | None = None
+        self.target_fd = -1
 
     def warn(self, text: str) -> None:
         self.warnings.append(text)
@@ -185,7 +183,7 @@ class _Transfer:
 
     # -- planning ------------------------------------------------------------------------------
     def scan_target(self, journal: dict) -> list[tuple[Entry, str, str | None]]:
-        """Remove stale temp files and decide, per entry, 'copy', 'verify', 'check' or done."""
+        """Remove stale temp files and decide, per entry, 'copy', 'verify', 'check' or 'done'."""
         by_rel = {e.rel: e for e in self.plan.entries}
         existing: dict[str, os.stat_result] = {}
         removed = 0
@@ -217,7 +215,7 @@ class _Transfer:
             elif e.kind == "link":
                 dst = _join(self.target, e.rel)
                 if stat.S_ISLNK(st.st_mode) and os.readlink(dst) == e.link:
-                    self._already_done(e)
+                    self._already_done(e, work)
                 else:
                     work.append((e, "copy", None))
             elif stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns):
@@ -226,19 +224,18 @@ class _Transfer:
                     if self.move:
                         work.append((e, "check", rec[2]))
                     else:
-                        self._already_done(e)
+                        self._already_done(e, work)
                 else:
                     work.append((e, "verify", None))
             else:
                 work.append((e, "copy", None))
         return work
 
-    def _already_done(self, e: Entry) -> None:
+    def _already_done(self, e: Entry, work: list) -> None:
         self.base.files += 1
         self.base.bytes += e.size
         if self.move:
-            size = None if e.kind == "link" else e.size  # a link's lstat size is its text length
-            self.to_delete.append((_join(self.source, e.rel), size, e.mtime_ns))
+            work.append((e, "done", None))  # a worker deletes the source (after syncing the target)
 
     @staticmethod
     def batches(work: list) -> list[list]:
@@ -259,73 +256,13 @@ class _Transfer:
             out.append(cur)
         return out
 
-    # -- workers -------------------------------------------------------------------------------
-    def run_batch(self, batch: list) -> None:
-        tl = self._thread_state()
-        for entry, action, recorded in batch:
-            if self.stopping():
-                return
-            self._one(entry, action, recorded, tl)
-
-    def _one(self, e: Entry, action: str, recorded: str | None, tl) -> None:
-        src = _join(self.source, e.rel)
-        dst = _join(self.target, e.rel)
-        counter = tl.counter
-        before = counter.bytes
-        try:
-            if action != "copy" and self._verified_in_place(e, action, recorded, src, dst, tl.buf):
-                counter.bytes += e.size
-                counter.verified += e.size
-                counter.files += 1
-                return
-            self._ensure_dir(os.path.dirname(dst))
-            if e.kind == "link":
-                filecopy.copy_symlink(dst, self._tmp_for(dst), e.link, e.mtime_ns)
-                self.journal_q.append((e.rel, 0, e.mtime_ns, "link"))
-                if self.move:
-                    self.to_delete.append((src, None, e.mtime_ns))
-            else:
-                planned = (e.size, e.mtime_ns, e.mode)
-                st, digest = filecopy.copy_file(
-                    src, dst, self._tmp_for(dst), planned, tl.buf, counter.add, self.stopping
-                )
-                self.journal_q.append((e.rel, st.st_size, st.st_mtime_ns, digest.hex()))
-                if self.move:
-                    self.to_delete.append((src, st.st_size, st.st_mtime_ns))
-            counter.files += 1
-        except filecopy.CopyAborted:
-            counter.bytes = before
-        except OSError as err:
-            counter.bytes = before
-            if err.errno in filecopy.FULL_ERRNOS:
-                self.full = True
-                self.halt.set()
-                self.errors.append(f"target full ({err.strerror}) while writing {e.rel}; stopped")
-            else:
-                where = "" if err.filename in (None, src, dst) else f" ({err.filename})"
-                self.errors.append(f"{e.rel}: {err.strerror}{where}")
-        except filecopy.CopyFailed as err:
-            counter.bytes = before
-            self.errors.append(f"{e.rel}: {err}")
-
-    def _verified_in_place(self, e: Entry, action: str, recorded, src: str, dst: str, buf) -> bool:
-        """Return whether ``dst`` already holds ``src`` (by hash); queue the source if moving."""
-        if action == "check":
-            size, digest = filecopy.hash_file(dst, buf, self.stopping)
-            ok = size == e.size and digest.hex() == recorded
-        else:
-            ok = filecopy.hash_file(src, buf, self.stopping) == filecopy.hash_file(dst, buf, self.stopping)
-            if ok:
-                size, digest = filecopy.hash_file(dst, buf)
-                self.journal_q.append((e.rel, e.size, e.mtime_ns, digest.hex()))
-        if ok and self.move:
-            self.to_delete.append((src, e.size, e.mtime_ns))
-        return ok
-
-    # -- main thread ---------------------------------------------------------------------------
+    # -- main process ----------------------------------------------------------------------------
     def snapshot(self, state: str) -> Snapshot:
-        files = self.base.files + sum(c.files for c in self.counters)
-        done_bytes = self.base.bytes + sum(c.bytes for c in self.counters)
+        files, done_bytes = self.base.files, self.base.bytes
+        a = self.shared
+        if a is not None:
+            files += sum(a[1::_SLOTS])
+            done_bytes += sum(a[2::_SLOTS])
         return Snapshot(
             operation=self.operation,
             state=state,
@@ -337,8 +274,11 @@ class _Transfer:
             errors=list(self.errors),
         )
 
+    def verified_bytes(self) -> int:
+        a = self.shared
+        return sum(a[3::_SLOTS]) if a is not None else 0
+
     def tick(self, state: str = "running", force: bool = False) -> Snapshot:
-        self.flush_journal()
         while self._reported < len(self.errors):
             if self.on_message:
                 self.on_message("error", self.errors[self._reported])
@@ -349,31 +289,65 @@ class _Transfer:
             self.on_progress(snap, self.reporter)
         return snap
 
-    def flush_journal(self) -> None:
-        q = self.journal_q
-        records = []
-        while q:
-            records.append(q.popleft())
-        if records:
-            try:
-                self.journal.append(records)
-            except OSError as e:
-                if e.errno in filecopy.FULL_ERRNOS:
-                    self.full = True
-                    self.halt.set()
+    def _message(self, line: bytes) -> None:
+        kind, text = line[:1], line[1:].decode("utf-8", "surrogateescape")
+        if kind == b"F":
+            self.full = True
+        self.errors.append(text)
 
     def run_workers(self, batches: list) -> None:
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="iosea-mover") as ex:
-            pending = {ex.submit(self.run_batch, b) for b in batches}
-            try:
-                while pending:
-                    done, pending = wait(pending, timeout=MIN_INTERVAL_S, return_when=FIRST_EXCEPTION)
-                    for f in done:
-                        f.result()  # only a bug raises here: workers report file errors themselves
-                    self.tick()
-            except BaseException:
-                self.halt.set()
-                raise
+        """Fork the worker processes, feed them batch numbers, report progress until they are done."""
+        n = min(self.workers, len(batches))
+        if n == 0:
+            return
+        self.batch_list = batches
+        self.libc = _Libc()
+        self.target_fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.shared = memoryview(mmap.mmap(-1, 8 * (1 + _SLOTS * n))).cast("q")
+        task_r, task_w = os.pipe()
+        res_r, res_w = os.pipe()
+        parent = os.getpid()
+        gc.freeze()  # the plan is shared copy-on-write: keep the collector from touching its pages
+        pids = []
+        try:
+            for slot in range(n):
+                pid = os.fork()
+                if pid == 0:
+                    os.close(task_w)
+                    os.close(res_r)
+                    _worker_main(self, slot, task_r, res_w, parent)  # never returns
+                pids.append(pid)
+        finally:
+            gc.unfreeze()
+            os.close(task_r)
+            os.close(res_w)
+        feeder = threading.Thread(target=_feed, args=(task_w, len(batches)), daemon=True)
+        feeder.start()
+        pending = b""
+        try:
+            while True:
+                ready, _, _ = select.select([res_r], [], [], MIN_INTERVAL_S)
+                if ready:
+                    data = os.read(res_r, 1 << 16)
+                    if not data:
+                        break  # every worker closed its end: all have exited
+                    *lines, pending = (pending + data).split(b"\n")
+                    for line in lines:
+                        self._message(line)
+                if self.cancel.is_set() or self.full:
+                    self.shared[_STOP] = 1
+                self.tick()
+        finally:
+            self.shared[_STOP] = 1  # on any way out (a bug included), workers stop at a clean point
+            os.close(res_r)
+            for pid in pids:
+                _, status = os.waitpid(pid, 0)
+                if status:
+                    code = os.waitstatus_to_exitcode(status)
+                    what = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+                    self.errors.append(f"a worker process died ({what}); rerun to finish the transfer")
+            feeder.join()
+            os.close(self.target_fd)
 
     def finish_dirs(self) -> None:
         """Give target directories their source mode and mtime, deepest first (after their files)."""
@@ -386,28 +360,249 @@ class _Transfer:
             except OSError:
                 pass  # a directory only gets its metadata when both sides are there
 
-    def delete_sources(self) -> None:
-        """Unlink sources whose copy is verified and which did not change since; prune emptied dirs."""
-        if self.fsync and self.to_delete:
-            _syncfs(self.target)
-        while self.to_delete:
-            src, size, mtime_ns = self.to_delete.popleft()
-            try:
-                st = os.lstat(src)
-                if size is not None and (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                    self.errors.append(
-                        f"{os.path.relpath(src, self.source)}: changed after being copied; kept at source"
-                    )
-                    continue
-                os.unlink(src)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                self.errors.append(f"{os.path.relpath(src, self.source)}: cannot delete source: {e.strerror}")
+    def prune_source_dirs(self) -> None:
+        """Remove the source directories a move emptied (inside matched directories), deepest first."""
         for d in sorted(self.plan.tree_dirs - {""}, key=lambda d: -d.count("/")):
             # Not empty (something was not moved) or already gone: keep it.
             with contextlib.suppress(OSError):
                 os.rmdir(_join(self.source, d))
+
+
+def _feed(task_w: int, count: int) -> None:
+    """Write every batch number (4 bytes each) to the task pipe, then close it (EOF ends the workers)."""
+    try:
+        for start in range(0, count, 1024):
+            data = b"".join(i.to_bytes(4, "little") for i in range(start, min(count, start + 1024)))
+            _write_all(task_w, data)
+    except OSError:
+        pass  # the workers stopped early and closed their ends
+    finally:
+        os.close(task_w)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _worker_main(run: _Transfer, slot: int, task_r: int, res_w: int, parent: int) -> None:
+    """Body of a forked worker process: never returns into the caller's stack."""
+    code = 0
+    try:
+        # The parent decides when to stop (it receives SIGTERM/SIGINT, or the job's whole process
+        # group does): workers ignore those signals and poll the shared stop flag instead.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        run.libc.die_with_parent(parent)
+        gc.disable()
+        _Worker(run, slot, res_w).serve(task_r)
+    except BaseException as e:  # a bug: report it, the parent turns it into a per-run error
+        code = 70
+        with contextlib.suppress(BaseException):
+            os.write(res_w, f"Einternal error in worker {slot}: {e!r}"[:_MSG_MAX].encode() + b"\n")
+    finally:
+        os._exit(code)
+
+
+class _Worker:
+    """One worker process: copies batches, journals them, and (move) deletes verified sources."""
+
+    def __init__(self, run: _Transfer, slot: int, res_w: int):
+        self.run = run
+        self.move = run.move
+        self.fsync = run.fsync
+        self.a = run.shared
+        self.files_i = 1 + _SLOTS * slot
+        self.res_w = res_w
+        self.buf = bytearray(filecopy.BUF_SIZE)
+        self.token = os.urandom(4).hex()  # drawn after fork: distinct per worker
+        self.seq = 0
+        self.cur_dir: str | None = None
+        self.sdir = self.tdir = -1
+        self.dir_error: OSError | None = None
+        self.records: list[tuple[str, int, int, str]] = []
+        self.to_delete: list[tuple[str, str, int | None, int]] = []  # (dir rel, name, size, mtime_ns)
+        self.delete_since = 0.0
+
+    def stopping(self) -> bool:
+        return bool(self.a[_STOP])
+
+    def add_bytes(self, n: int) -> None:
+        self.a[self.files_i + 1] += n
+
+    def say(self, kind: str, text: str) -> None:
+        line = kind + text.replace("\n", " ")[:_MSG_MAX] + "\n"
+        os.write(self.res_w, line.encode("utf-8", "surrogateescape"))
+
+    def serve(self, task_r: int) -> None:
+        batches = self.run.batch_list
+        try:
+            while not self.a[_STOP]:
+                b = os.read(task_r, 4)
+                if len(b) < 4:
+                    break
+                for entry, action, recorded in batches[int.from_bytes(b, "little")]:
+                    if self.a[_STOP]:
+                        break
+                    self.one(entry, action, recorded)
+                self.flush_journal()
+                if self.to_delete and time.monotonic() - self.delete_since >= _DELETE_EVERY_S:
+                    self.delete_sources()
+        finally:
+            self.enter_dir(None)
+            self.flush_journal()
+        self.delete_sources()  # what was verified is deleted, even when the run is being cancelled
+
+    def enter_dir(self, d: str | None) -> None:
+        """Hold open descriptors of source and target directory ``d`` (None: close them)."""
+        for fd in (self.sdir, self.tdir):
+            if fd >= 0:
+                os.close(fd)
+        self.sdir = self.tdir = -1
+        self.cur_dir, self.dir_error = d, None
+        if d is None:
+            return
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        target = _join(self.run.target, d)
+        try:
+            self.sdir = os.open(_join(self.run.source, d), flags)
+            try:
+                self.tdir = os.open(target, flags)
+            except FileNotFoundError:
+                os.makedirs(target, exist_ok=True)  # workers may race here: exist_ok
+                self.tdir = os.open(target, flags)
+        except OSError as e:
+            self.dir_error = e
+
+    def fail(self, rel: str, text: str) -> None:
+        self.say("E", f"{rel}: {text}")
+
+    def one(self, e: Entry, action: str, recorded: str | None) -> None:
+        a, i = self.a, self.files_i
+        rel = e.rel
+        d, _, name = rel.rpartition("/")
+        before = a[i + 1]
+        try:
+            if action == "done":
+                self.queue_delete(d, name, None if e.kind == "link" else e.size, e.mtime_ns)
+                return
+            if action != "copy" and self.verified_in_place(e, action, recorded):
+                a[i + 1] += e.size
+                a[i + 2] += e.size
+                a[i] += 1
+                return
+            if e.kind == "link":
+                dst = _join(self.run.target, rel)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                tmp = os.path.join(os.path.dirname(dst), self.tmp_name(name))
+                filecopy.copy_symlink(dst, tmp, e.link, e.mtime_ns)
+                self.records.append((rel, 0, e.mtime_ns, "link"))
+                self.queue_delete(d, name, None, e.mtime_ns)
+            else:
+                if d != self.cur_dir:
+                    self.enter_dir(d)
+                if self.dir_error is not None:
+                    raise self.dir_error
+                st, digest = filecopy.copy_file(
+                    self.sdir,
+                    self.tdir,
+                    name,
+                    self.tmp_name(name),
+                    (e.size, e.mtime_ns, e.mode),
+                    self.buf,
+                    self.add_bytes,
+                    self.stopping,
+                    self.fsync,
+                )
+                self.records.append((rel, st.st_size, st.st_mtime_ns, digest.hex()))
+                self.queue_delete(d, name, st.st_size, st.st_mtime_ns)
+            a[i] += 1
+        except filecopy.CopyAborted:
+            a[i + 1] = before
+        except OSError as err:
+            a[i + 1] = before
+            if err.errno in filecopy.FULL_ERRNOS:
+                a[_STOP] = 1
+                self.say("F", f"target full ({err.strerror}) while writing {rel}; stopped")
+            else:
+                self.fail(rel, err.strerror or str(err))
+        except filecopy.CopyFailed as err:
+            a[i + 1] = before
+            self.fail(rel, str(err))
+
+    def tmp_name(self, name: str) -> str:
+        self.seq += 1
+        return filecopy.temp_name(name, f"{self.token}{self.seq:x}")
+
+    def verified_in_place(self, e: Entry, action: str, recorded) -> bool:
+        """Return whether the target already holds the source (by hash); queue the source if moving."""
+        src, dst = _join(self.run.source, e.rel), _join(self.run.target, e.rel)
+        buf, stopping = self.buf, self.stopping
+        if action == "check":
+            size, digest = filecopy.hash_file(dst, buf, stopping)
+            ok = size == e.size and digest.hex() == recorded
+        else:
+            theirs = filecopy.hash_file(src, buf, stopping)
+            ok = theirs == filecopy.hash_file(dst, buf, stopping)
+            if ok:
+                self.records.append((e.rel, e.size, e.mtime_ns, theirs[1].hex()))
+        if ok:
+            d, _, name = e.rel.rpartition("/")
+            self.queue_delete(d, name, e.size, e.mtime_ns)
+        return ok
+
+    def queue_delete(self, d: str, name: str, size: int | None, mtime_ns: int) -> None:
+        if self.move:
+            if not self.to_delete:
+                self.delete_since = time.monotonic()
+            self.to_delete.append((d, name, size, mtime_ns))
+
+    def flush_journal(self) -> None:
+        if self.records:
+            records, self.records = self.records, []
+            try:
+                self.run.journal.append(records)
+            except OSError as e:
+                if e.errno in filecopy.FULL_ERRNOS:
+                    self.a[_STOP] = 1
+                    self.say("F", f"target full ({e.strerror}) while writing the journal; stopped")
+
+    def delete_sources(self) -> None:
+        """Sync the target filesystem once, then unlink the queued sources that did not change since."""
+        if not self.to_delete:
+            return
+        self.run.libc.sync_fs(self.run.target_fd)  # every queued copy is now on stable storage
+        todo, self.to_delete = self.to_delete, []
+        cur, dfd, dir_error = None, -1, None
+        try:
+            for d, name, size, mtime_ns in todo:
+                if d != cur:
+                    if dfd >= 0:
+                        os.close(dfd)
+                    cur, dfd, dir_error = d, -1, None
+                    try:
+                        dfd = os.open(_join(self.run.source, d), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    except OSError as e:
+                        dir_error = e
+                rel = f"{d}/{name}" if d else name
+                if dir_error is not None:
+                    if not isinstance(dir_error, FileNotFoundError):
+                        self.fail(rel, f"cannot delete source: {dir_error.strerror}")
+                    continue
+                try:
+                    st = os.lstat(name, dir_fd=dfd)
+                    if size is not None and (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                        self.fail(rel, "changed after being copied; kept at source")
+                        continue
+                    os.unlink(name, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    self.fail(rel, f"cannot delete source: {e.strerror}")
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
 
 
 def transfer(
@@ -486,12 +681,11 @@ def transfer(
         work = run.scan_target(journal)
         run.tick(force=True)
         run.run_workers(run.batches(work))
-    run.flush_journal()
     cancelled = cancel.is_set()
     if not cancelled:
         run.finish_dirs()
     if run.move:
-        run.delete_sources()
+        run.prune_source_dirs()
     if cancelled:
         state, code = "cancelled", None
         run.journal.close()
@@ -520,7 +714,7 @@ def _result(run: _Transfer, state: str, code: int | None, t0: float) -> Transfer
         files_failed=snap.files_failed,
         bytes_total=snap.bytes_total,
         bytes_done=snap.bytes_done,
-        bytes_copied=sum(c.bytes - c.verified for c in run.counters),
+        bytes_copied=snap.bytes_done - run.base.bytes - run.verified_bytes(),
         errors=list(run.errors),
         warnings=list(run.warnings),
         elapsed_s=time.monotonic() - t0,

@@ -1,6 +1,8 @@
-"""Copy one file or symlink into place atomically, hashing what streams and verifying what landed.
+"""Copy one file or symlink into place atomically, hashing the bytes as they stream.
 
-See :mod:`iosea_wf.mover.engine` for the integrity argument these primitives implement.
+See :mod:`iosea_wf.mover.engine` for the integrity argument these primitives implement. File
+copies work relative to open directory descriptors (the worker keeps one pair per directory), so
+each file costs one short name lookup per call instead of a walk of the whole path.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _EGID = os.getegid()
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once at import, in the main thread: os.umask cannot be read without setting it
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+CHANGED = "changed since the transfer started; not transferred"
 
 
 class CopyAborted(Exception):
@@ -45,73 +48,100 @@ def temp_name(name: str, token: str) -> str:
     return f".{name}{suffix}"
 
 
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
 def _write_all(fd: int, data) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
 
 
+def _read_rest(fd: int, data: bytes, size: int) -> bytes:
+    """Finish a read that came back short (rare: network filesystems, signals) up to EOF or size+1."""
+    parts = [data]
+    got = len(data)
+    while got <= size:
+        more = os.read(fd, size + 1 - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _finish(tfd: int, sfd: int, size: int, mtime_ns: int, mode: int, fsync: bool) -> os.stat_result:
+    """Check the source did not change while it was read; give the temp file its metadata."""
+    st = os.fstat(sfd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+        raise CopyFailed(CHANGED)
+    if stat.S_IMODE(st.st_mode) != mode & ~_UMASK:
+        os.fchmod(tfd, stat.S_IMODE(st.st_mode))
+    if _AS_ROOT and (st.st_uid, st.st_gid) != (0, _EGID):
+        os.fchown(tfd, st.st_uid, st.st_gid)
+    os.utime(tfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if fsync:
+        os.fsync(tfd)
+    return st
+
+
 def copy_file(
-    src: str,
-    dst: str,
+    sdir: int,
+    tdir: int,
+    name: str,
     tmp: str,
     planned: tuple[int, int, int],
     buf: bytearray,
     add_bytes: Callable[[int], None],
     stopping: Callable[[], bool],
+    fsync: bool = False,
 ) -> tuple[os.stat_result, bytes]:
-    """Copy regular file ``src`` to ``dst`` through ``tmp``; return its stat and verified xxh3-128.
+    """Copy regular file ``name`` of directory fd ``sdir`` to ``name`` in ``tdir`` through ``tmp``.
 
-    ``planned`` is the source's (size, mtime_ns, mode) when the transfer was planned: a source that
-    differs afterwards is refused rather than copied half-old, half-new.
+    Return the source's stat and the xxh3-128 of the bytes read and written. ``planned`` is the
+    source's (size, mtime_ns, mode) when the transfer was planned: a source that differs afterwards
+    is refused rather than copied half-old, half-new. ``add_bytes`` is called as bytes land (large
+    files chunk by chunk, a small file once it is in place).
     """
     size, mtime_ns, mode = planned
-    sfd = os.open(src, _RD)
+    sfd = os.open(name, _RD, dir_fd=sdir)
     try:
         # Created with its final mode, so the usual case (no umask bit in it) needs no fchmod.
-        tfd = os.open(tmp, _WR, mode)
+        tfd = os.open(tmp, _WR, mode, dir_fd=tdir)
         try:
             if size < len(buf):
-                # Small file: one read (asking one byte more detects growth), one write, one re-read.
+                # Small file: one read (asking one byte more detects growth) and one write.
                 data = os.read(sfd, size + 1)
                 if len(data) != size:
-                    raise CopyFailed("changed since the transfer started; not transferred")
-                _write_all(tfd, data)
+                    data = _read_rest(sfd, data, size)
+                    if len(data) != size:
+                        raise CopyFailed(CHANGED)
+                n = os.write(tfd, data)
+                if n != size:
+                    _write_all(tfd, memoryview(data)[n:])
                 digest = xxhash.xxh3_128_digest(data)
-                if xxhash.xxh3_128_digest(os.pread(tfd, size + 1, 0)) != digest:
-                    raise CopyFailed("verification failed: the copy differs from the source")
             else:
-                digest = _stream(sfd, tfd, buf, add_bytes, stopping)
+                digest = _stream(sfd, tfd, size, buf, add_bytes, stopping)
                 if _hash_fd(tfd, buf, stopping) != (size, digest):
                     raise CopyFailed("verification failed: the copy differs from the source")
-            st = os.fstat(sfd)
-            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                raise CopyFailed("changed since the transfer started; not transferred")
-            if stat.S_IMODE(st.st_mode) != mode & ~_UMASK:
-                os.fchmod(tfd, stat.S_IMODE(st.st_mode))
-            if _AS_ROOT and (st.st_uid, st.st_gid) != (0, _EGID):
-                os.fchown(tfd, st.st_uid, st.st_gid)
-            os.utime(tfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            st = _finish(tfd, sfd, size, mtime_ns, mode, fsync)
         finally:
             os.close(tfd)
-        os.rename(tmp, dst)
+        os.rename(tmp, name, src_dir_fd=tdir, dst_dir_fd=tdir)
     except BaseException:
-        _unlink_quietly(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=tdir)
         raise
     finally:
         os.close(sfd)
     if size < len(buf):
-        add_bytes(size)  # large files were counted chunk by chunk
+        add_bytes(size)
     return st, digest
 
 
-def _stream(sfd: int, tfd: int, buf: bytearray, add_bytes, stopping) -> bytes:
-    """Copy sfd to tfd through ``buf``, hashing the bytes as they pass; return the digest."""
+def _stream(sfd: int, tfd: int, size: int, buf: bytearray, add_bytes, stopping) -> bytes:
+    """Copy sfd to tfd through ``buf``, hashing each chunk while it is in the CPU cache; return the digest.
+
+    Every write must take the whole chunk, the byte count must be the planned size, and the temp file
+    must end up exactly that long: the digest then describes what the target holds.
+    """
     h = xxhash.xxh3_128()
     view = memoryview(buf)
     total = 0
@@ -126,6 +156,10 @@ def _stream(sfd: int, tfd: int, buf: bytearray, add_bytes, stopping) -> bytes:
         _write_all(tfd, chunk)
         total += n
         add_bytes(n)
+    if total != size:
+        raise CopyFailed(CHANGED)
+    if os.fstat(tfd).st_size != total:
+        raise CopyFailed("verification failed: the copy does not have the length written")
     return h.digest()
 
 
@@ -163,5 +197,6 @@ def copy_symlink(dst: str, tmp: str, text: str, mtime_ns: int) -> None:
             raise CopyFailed("verification failed: the symlink differs from the source")
         os.rename(tmp, dst)
     except BaseException:
-        _unlink_quietly(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise

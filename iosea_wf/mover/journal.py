@@ -9,9 +9,9 @@ re-verification, never correctness.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 
 from iosea_wf.mover.patterns import JOURNAL_DIR
 
@@ -31,6 +31,8 @@ class Journal:
     def load(self) -> dict[str, tuple[int, int, str]]:
         """Return {rel: (size, mtime_ns, hex)} recorded by an interrupted run from the same source."""
         done: dict[str, tuple[int, int, str]] = {}
+        if not os.path.exists(self.path):
+            return done
         try:
             with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
                 header = json.loads(f.readline() or "{}")
@@ -53,8 +55,8 @@ class Journal:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_TRUNC if fresh else 0)
         self._fd = os.open(self.path, flags, 0o600)
         if fresh:
-            header = {"schema_version": SCHEMA_VERSION, "source": self.source}
-            os.write(self._fd, (json.dumps(header) + "\n").encode())
+            header = f'{{"schema_version": {SCHEMA_VERSION}, "source": {_quote(self.source)}}}\n'
+            os.write(self._fd, header.encode("utf-8", "surrogateescape"))
 
     def load_header_matches(self) -> bool:
         """Return whether the existing journal was written for this source and schema."""
@@ -66,10 +68,13 @@ class Journal:
         return header.get("source") == self.source and header.get("schema_version") == SCHEMA_VERSION
 
     def append(self, records: list[tuple[str, int, int, str]]) -> None:
-        """Append verified elements in one write (a torn tail is tolerated by :meth:`load`)."""
+        """Append verified elements in one write (a torn tail is tolerated by :meth:`load`).
+
+        Worker processes share the descriptor (O_APPEND), so each batch lands as one write.
+        """
         if self._fd is None or not records:
             return
-        text = "".join(json.dumps(r) + "\n" for r in records)
+        text = "".join(f'[{_quote(rel)}, {size}, {mtime}, "{hexd}"]\n' for rel, size, mtime, hexd in records)
         os.write(self._fd, text.encode("utf-8", "surrogateescape"))
 
     def close(self) -> None:
@@ -81,4 +86,13 @@ class Journal:
     def remove(self) -> None:
         """Close and delete the journal directory (the run ended: nothing to resume)."""
         self.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        for remove, path in ((os.unlink, self.path), (os.rmdir, self.dir)):
+            with contextlib.suppress(OSError):
+                remove(path)
+
+
+def _quote(text: str) -> str:
+    """Return ``text`` as a JSON string; the common case (printable ASCII) without the json module."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)

@@ -22,7 +22,6 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from iosea_wf.mover.errors import MoverUsageError
 
@@ -32,29 +31,39 @@ TEMP_RE = re.compile(r"\A\..*\.iosea-tmp-[0-9a-f]+\Z", re.S)
 _MAGIC = re.compile(r"[*?\[]")
 
 
-@dataclass(slots=True)
+# Plain classes, not dataclasses: importing dataclasses (and inspect behind it) is a measurable part
+# of the mover's start-up, which matters when a transfer of small files takes a second or two.
 class Entry:
     """One element to transfer: a regular file or a symlink, by its path relative to the source."""
 
-    rel: str
-    kind: str  # "file" or "link"
-    size: int
-    mtime_ns: int
-    mode: int = 0o644  # permission bits
-    link: str | None = None  # symlink text to create at the target (absolute ones made relative)
+    __slots__ = ("rel", "kind", "size", "mtime_ns", "mode", "link")
+
+    def __init__(
+        self, rel: str, kind: str, size: int, mtime_ns: int, mode: int = 0o644, link: str | None = None
+    ):
+        self.rel = rel
+        self.kind = kind  # "file" or "link"
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.mode = mode  # permission bits
+        self.link = link  # symlink text to create at the target (absolute ones made relative)
+
+    def __repr__(self) -> str:
+        fields = (self.rel, self.kind, self.size, self.mtime_ns, oct(self.mode), self.link)
+        return f"Entry{fields!r}"
 
 
-@dataclass
 class Plan:
     """Everything the patterns select, plus what went wrong while selecting it."""
 
-    entries: list[Entry] = field(default_factory=list)
-    dirs: set[str] = field(default_factory=set)  # every source dir holding an entry ("" is the root)
-    matched_dirs: set[str] = field(default_factory=set)  # dirs a pattern named (emptied by a move)
-    tree_dirs: set[str] = field(default_factory=set)  # every dir inside a matched dir (rmdir'ed by a move)
-    errors: list[str] = field(default_factory=list)
-    unmatched: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.dirs: set[str] = set()  # every source dir holding an entry ("" is the root)
+        self.matched_dirs: set[str] = set()  # dirs a pattern named (emptied by a move)
+        self.tree_dirs: set[str] = set()  # every dir inside a matched dir (rmdir'ed by a move)
+        self.errors: list[str] = []
+        self.unmatched: list[str] = []
+        self.notes: list[str] = []
 
 
 def split_pattern(pattern: str) -> list[str]:

@@ -21,7 +21,6 @@ import json
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 SCHEMA_VERSION = 1
 MIN_INTERVAL_S = 0.25
@@ -29,18 +28,39 @@ MAX_ERRORS = 1000
 _WINDOW_S = 5.0  # throughput over the last seconds, so the ETA follows the current speed
 
 
-@dataclass
 class Snapshot:
     """The counters of a transfer at one moment."""
 
-    operation: str
-    state: str
-    files_total: int
-    files_done: int
-    files_failed: int
-    bytes_total: int
-    bytes_done: int
-    errors: list[str] = field(default_factory=list)
+    __slots__ = (
+        "operation",
+        "state",
+        "files_total",
+        "files_done",
+        "files_failed",
+        "bytes_total",
+        "bytes_done",
+        "errors",
+    )
+
+    def __init__(
+        self,
+        operation: str,
+        state: str,
+        files_total: int,
+        files_done: int,
+        files_failed: int,
+        bytes_total: int,
+        bytes_done: int,
+        errors: list[str] | None = None,
+    ):
+        self.operation = operation
+        self.state = state
+        self.files_total = files_total
+        self.files_done = files_done
+        self.files_failed = files_failed
+        self.bytes_total = bytes_total
+        self.bytes_done = bytes_done
+        self.errors = [] if errors is None else errors
 
 
 class ProgressReporter:

@@ -147,8 +147,9 @@ def test_unreadable_file_is_reported_and_the_others_copied(tmp_path):
         for p in (base, src, dst, os.path.join(src, "sub")):
             os.chown(p, 65534, 65534)
         code = (
-            "import os, sys, locale; from iosea_wf.mover import cli; os.setgroups([]); os.setgid(65534);"
-            "os.setuid(65534); sys.exit(cli.main(sys.argv[1:]))"
+            # argparse imports locale and shutil lazily: load them while /root is still readable.
+            "import os, sys, locale, shutil; from iosea_wf.mover import cli; os.setgroups([]);"
+            "os.setgid(65534); os.setuid(65534); sys.exit(cli.main(sys.argv[1:]))"
         )
         args = ["copy", "--source", src, "--target", dst, "*"]
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
@@ -253,6 +254,53 @@ def test_move_killed_at_random_moments_loses_nothing_and_rerun_completes(tmp_pat
         assert digests(dst) == expected and os.listdir(src) == []
         assert leftovers(dst) == [] and leftovers(src) == []
     assert killed_mid_run >= 10  # most kills must land while the mover is running
+
+
+def _state(pid: int) -> str | None:
+    """Return the state letter of process ``pid`` (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _children_of(pid: int) -> set[int]:
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(name))
+    return found
+
+
+def test_kill_9_of_the_mover_kills_its_worker_processes(tmp_path):
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    make_tree(src, n_small=50, big_sizes=(32 * MB,) * 8, seed=5)
+    prog = str(tmp_path / "p.json")
+    proc = subprocess.Popen(
+        [MOVER, "move", "--workers", "2", "--source", src, "--target", dst, "--progress", prog, "*"]
+    )
+    deadline = time.monotonic() + 30
+    while not (os.path.exists(prog) and read_progress(prog)["bytes_done"] > 0):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.005)
+    workers = _children_of(proc.pid)
+    assert workers, "the mover runs its copies in worker processes"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while any(_state(w) not in (None, "Z") for w in workers):  # a zombie has died already
+        assert time.monotonic() < deadline, "a worker outlived the kill -9 of the mover"
+        time.sleep(0.01)
+    r = run_mover("move", "--source", src, "--target", dst, "*")
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(src) == [] and leftovers(dst) == []
 
 
 def test_sigterm_cancels_cleanly_and_rerun_completes(tmp_path):
