@@ -456,16 +456,19 @@ def stop(
 
         if end_orphaned_run(ctx.store.state_dir, record["start_run"]):
             progress(f"session {record['name']}: ended the provisioning its dead start left running")
-    if steps.active_jobs(record):
+    if steps.active_jobs(record) or steps.starting_accesses(record):
         record = ctx.store.update_session(record["id"], state=st.STOPPING)
-        if force:
-            ids = steps.active_jobs(record)
-            progress(f"session {record['name']}: cancelling {len(ids)} job(s): {' '.join(ids)}")
-            slurm.cancel(ids)
-        said = None
+        said, cancelled = None, set()
         while True:
-            record = steps.refresh(ctx, record)
-            waiting = steps.active_jobs(record)
+            # Re-read each time: an access records its job id from its own process.
+            record = steps.refresh(ctx, find_session(ctx, record["name"]))
+            active = steps.active_jobs(record)
+            if force and set(active) - cancelled:
+                ids = sorted(set(active) - cancelled)
+                progress(f"session {record['name']}: cancelling {len(ids)} job(s): {' '.join(ids)}")
+                slurm.cancel(ids)
+                cancelled.update(ids)
+            waiting = active + [f"access (pid {a['pid']})" for a in steps.starting_accesses(record)]
             if not waiting:
                 break
             if said != waiting:

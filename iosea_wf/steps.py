@@ -310,6 +310,17 @@ def active_jobs(session: dict[str, Any]) -> list[str]:
     return ids
 
 
+def starting_accesses(session: dict[str, Any]) -> list[dict[str, Any]]:
+    """Interactive accesses whose salloc still runs but whose job id is not known yet."""
+    from .procs import alive
+
+    return [
+        a
+        for a in session.get("accesses", [])
+        if not a.get("job_id") and not a.get("ended_at") and alive(a.get("pid"))
+    ]
+
+
 def find_instance(session: dict[str, Any], step: str, instance: int | None = None) -> dict[str, Any]:
     """A step instance of the session (the latest unless ``instance`` is given)."""
     found = [s for s in session.get("steps", []) if s["name"] == step]
