@@ -234,7 +234,8 @@ def _service_record(site: Site, user: str, session: str, session_id: str, servic
         "resources": {k: need[k] for k, _ in _UNITS},
         "export_key": key,
         "export_id": export_id,
-        "pseudo": f"/iosea/{user}/{session}/{service.name}",
+        # The export key carries the session id: two state dirs never share a pseudo path.
+        "pseudo": f"/iosea/{user}/{key}",
         "port": port,
         "mount_port": mount_port,
         "url": _nfs_url(datanode.address, namespace, port, mount_port),
