@@ -9,12 +9,20 @@ Integrity argument
   final name only when complete, so a reader (or a crash) never sees a partial file under a final
   name: rename(2) within one directory is atomic.
 * The source is read once; its bytes are hashed (xxh3-128) from the very buffer handed to write(2),
-  so the digest describes exactly what was written. A small file (< 1 MiB) is one read of size+1
-  bytes (a short or long read means it changed) and one write whose count must be the whole file.
-  A large file is streamed in chunks, then re-read from the target and hashed again. The rename
-  happens only if the lengths (and digests) agree and the source's size and mtime (fstat of the
-  open descriptor after the last read) are still those of the plan. ``--fsync`` adds an fsync of
-  each temp file before its rename.
+  while that buffer is in the CPU cache, so the digest describes exactly what was written. A small
+  file (< 1 MiB) is one read of size+1 bytes (a short or long read means it changed) and one write
+  whose count must be the whole file; a large one is streamed in chunks, every write must take its
+  whole chunk, the total must be the planned size and the temp file must end up that long. The
+  rename happens only if, after the last read, the source's size and mtime (fstat of the open
+  descriptor) are still those of the plan. ``--fsync`` adds an fsync of each temp file.
+* What this does and does not check: it catches short or failed writes, truncation, a source that
+  changes during the copy, and (through the recorded digest) a target that differs on a later
+  verification (resume, move). It does not re-read the target right away: that read would be
+  served from the page cache just filled by the same write, so it would only re-test the kernel's
+  memcpy, not the storage, at the cost of a second memory pass (measured: the dominant extra cost of
+  a large-file copy). Proving the media holds the bytes would need a read after the cache is
+  dropped; a move relies instead on syncfs before deleting (below), and a rerun re-hashes the target
+  against the journal before deleting a source it did not copy itself.
 * ``move`` deletes a source only after its copy was verified and renamed into place, and only after
   it checked (lstat) that the source still has the size and mtime it had when copied. Before
   deleting a group of sources a worker calls ``syncfs`` on the target filesystem once (groups are
