@@ -47,6 +47,7 @@ def bare_runner(tmp: Path) -> float:
     (project / "one.yml").write_text(
         "- hosts: localhost\n  gather_facts: false\n  tasks:\n    - ansible.builtin.debug: {msg: hi}\n"
     )
+    (tmp / "bare").mkdir(exist_ok=True)
     t0 = time.perf_counter()
     r = ansible_runner.run(
         private_data_dir=str(tmp / "bare"),
