@@ -613,7 +613,11 @@ def access(
     srun = ["srun", "--ntasks=1", "--nodes=1"]
     if not command and sys.stdin.isatty():
         srun.append("--pty")
-    argv += [*srun, *inner]
+    # The marker tells an allocation that ran our command from one salloc created and revoked
+    # (--immediate on busy nodes), which Slurm reports as FAILED too.
+    marker = ctx.store.state_dir / "access" / f"{token}.started"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    argv += [*srun, "/bin/sh", "-c", 'touch "$0" && exec "$@"', str(marker), *inner]
 
     entry = {
         "token": token,
@@ -644,6 +648,7 @@ def access(
                     )
                     said_waiting = True
                 if state == "RUNNING":
+                    granted["ran"] = "yes"
                     return
             done.wait(0.3)
 
@@ -654,8 +659,11 @@ def access(
     finally:
         done.set()
         watcher.join(2)
+        if marker.exists():
+            granted["ran"] = "yes"
+            marker.unlink()
         if "job_id" not in granted:
-            # A short command may end before the watcher saw it: slurmctld still knows it.
+            # A short command may end before the watcher saw it: slurmctld still knows the job.
             rows = slurm.jobs_named(job_name)
             if rows:
                 granted["job_id"] = rows[0][0]
@@ -664,7 +672,8 @@ def access(
             record["id"],
             lambda acc: _set(acc, token, ended_at=time.time(), job_id=granted.get("job_id")),
         )
-    if "job_id" not in granted and rc != 0:
+    if "ran" not in granted and rc != 0:
+        # salloc may create the job and revoke it (--immediate): an allocation that never ran.
         _update_accesses(ctx, record["id"], lambda acc: _set(acc, token, state="NOT_GRANTED"))
         if immediate:
             raise SlurmError(

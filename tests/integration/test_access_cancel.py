@@ -204,3 +204,55 @@ def test_cancel_during_large_move_loses_nothing_and_rerun_completes(iosea, sessi
     assert list(big.iterdir()) == []
     assert all(_sha(dest / n) == d for n, d in originals.items())
     shutil.rmtree(disk / current_user() / "acc", ignore_errors=True)
+
+
+def _fill_partition(partition: str = "cpu") -> str:
+    """Occupy every node of a partition with one exclusive job; return its id."""
+    nodes = subprocess.run(
+        ["sinfo", "-h", "-p", partition, "-o", "%D"], capture_output=True, text=True
+    ).stdout
+    job = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            partition,
+            f"--nodes={int(nodes.split()[0])}",
+            "--exclusive",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 120",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    deadline = time.time() + 30
+    while time.time() < deadline and slurm.job_states([job])[job].state != "RUNNING":
+        time.sleep(0.2)
+    return job
+
+
+def test_access_on_busy_resources_says_so(iosea_proc, cli_env, session):
+    blocker = _fill_partition()
+    try:
+        t0 = time.time()
+        r = iosea_proc("access", "SESSION=acc", "--immediate", "--", "true", timeout=60)
+        assert r.returncode == 8, r.stderr
+        assert "busy right now (--immediate)" in r.stderr
+        assert time.time() - t0 < 20
+        waiting = subprocess.Popen(
+            [str(BIN / "iosea-wf"), "access", "SESSION=acc", "--", "true"],
+            env=cli_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(6)
+        slurm.cancel([blocker])
+        out, err = waiting.communicate(timeout=90)
+        assert "access: waiting for resources on partition cpu" in err
+        assert waiting.returncode == 0, err
+    finally:
+        slurm.cancel([blocker])
