@@ -97,9 +97,10 @@ def test_access_interactive_shell_in_the_allocation(cli_env, session):
     assert child.exitstatus == 0
 
 
-def test_stop_waits_for_access_and_force_ends_it(iosea_proc, cli_env, session):
+def _open_access(cli_env, iosea_proc, seconds: int, *, until_job_known: bool) -> subprocess.Popen:
+    """Start `access -- sleep N` in the background; return once status lists it (with its job id)."""
     access = subprocess.Popen(
-        [str(BIN / "iosea-wf"), "access", "SESSION=acc", "--", "sleep", "8"],
+        [str(BIN / "iosea-wf"), "access", "SESSION=acc", "--", "sleep", str(seconds)],
         env=cli_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -107,11 +108,16 @@ def test_stop_waits_for_access_and_force_ends_it(iosea_proc, cli_env, session):
     )
     deadline = time.time() + 30
     while time.time() < deadline:
-        st = json.loads(iosea_proc("status", "SESSION=acc", "--json").stdout)
-        if st["accesses"] and st["accesses"][0]["job_id"]:
-            break
+        accesses = json.loads(iosea_proc("status", "SESSION=acc", "--json").stdout)["accesses"]
+        if accesses and (accesses[0]["job_id"] or not until_job_known):
+            assert accesses[0]["state"] in ("RUNNING", "STARTING", "PENDING")
+            return access
         time.sleep(0.3)
-    assert st["accesses"][0]["state"] in ("RUNNING", "STARTING")
+    raise AssertionError("the access never showed in the status")
+
+
+def test_stop_waits_for_an_open_access(iosea_proc, cli_env, session):
+    access = _open_access(cli_env, iosea_proc, 8, until_job_known=True)
     t0 = time.time()
     r = iosea_proc("stop", "SESSION=acc")
     assert r.returncode == 0, r.stderr
@@ -121,18 +127,8 @@ def test_stop_waits_for_access_and_force_ends_it(iosea_proc, cli_env, session):
 
 
 def test_stop_force_ends_an_open_access(iosea_proc, cli_env, session):
-    access = subprocess.Popen(
-        [str(BIN / "iosea-wf"), "access", "SESSION=acc", "--", "sleep", "300"],
-        env=cli_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if json.loads(iosea_proc("status", "SESSION=acc", "--json").stdout)["accesses"]:
-            break
-        time.sleep(0.3)
+    # Right away, perhaps before the access knows its job id: stop must still find and end it.
+    access = _open_access(cli_env, iosea_proc, 300, until_job_known=False)
     t0 = time.time()
     r = iosea_proc("stop", "SESSION=acc", "--force")
     assert r.returncode == 0, r.stderr
