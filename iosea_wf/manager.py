@@ -54,6 +54,12 @@ class Context:
             self._site = load_site(self.site_dir)
         return self._site
 
+    def site_of(self, session: dict[str, Any]) -> Site:
+        """The site a session was started on: its snapshot, so `run` need not read the inventory."""
+        if session.get("site_snapshot"):
+            return Site.from_dict(session["site_snapshot"])
+        return self.site
+
     @property
     def store(self) -> st.Store:
         """The session store, opened once."""
@@ -304,6 +310,7 @@ def start(
             "wdf_path": str(Path(workflow_path).resolve()),
             "wdf": workflow.to_dict(),
             "site": str(site.path),
+            "site_snapshot": site.to_dict(),
             "state": st.STARTING,
             "pid": os.getpid(),
             "host": os.uname().nodename,
@@ -589,7 +596,7 @@ def access(
     record = find_session(ctx, session)
     if record["state"] != st.ACTIVE:
         raise SessionConflict(f"session {record['name']!r} is {record['state']}, not ACTIVE: no access")
-    site = ctx.site
+    site = ctx.site_of(record)
     partition = partition or site.interactive_partition
     token = uuid.uuid4().hex[:8]
     job_name = f"iosea.{record['name']}.access.{token}"

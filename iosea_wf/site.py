@@ -7,6 +7,7 @@ means exactly the same to the Python side as to the playbooks that receive the s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,28 @@ class Site:
     datanodes_partition: str
     root: str
     variables: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able snapshot (a session keeps the site it was started on)."""
+        data = dataclasses.asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Site:
+        """Rebuild a site from :meth:`to_dict` without reading the inventory again."""
+        d = dict(data)
+        d["path"] = Path(d["path"])
+        d["modules"] = {
+            k: Module(v["name"], v["partition"], tuple(v["nodes"])) for k, v in d["modules"].items()
+        }
+        d["datanodes"] = {
+            k: Datanode(**{**v, "modules": tuple(v["modules"])}) for k, v in d["datanodes"].items()
+        }
+        d["flavors"] = {k: Flavor(**v) for k, v in d["flavors"].items()}
+        d["tiers"] = {k: Tier(**v) for k, v in d["tiers"].items()}
+        d["mover_tools"] = {k: MoverTool(v["name"], tuple(v["command"])) for k, v in d["mover_tools"].items()}
+        return cls(**d)
 
     def describe(self, what: str) -> list[dict[str, Any]]:
         """Rows for ``iosea-wf show locations|flavors|tiers``: a list of objects with ``name``."""

@@ -51,7 +51,7 @@ def plan_run(ctx, session: dict[str, Any], step: str, cwd: str) -> tuple[dict[st
             f"step {step!r} is not in the WDF of session {session['name']} "
             f"(steps: {', '.join(wdf.steps) or 'none'})"
         )
-    site = ctx.site
+    site = ctx.site_of(session)
     instance = 1 + max((s["instance"] for s in session.get("steps", []) if s["name"] == step), default=0)
     workdir = _instance_dir(ctx.store.state_dir, session, step, instance)
     base = f"iosea.{session['name']}.{step}.{instance}"

@@ -76,3 +76,19 @@ def test_added_module_appears(site_copy):
     _edit(site_copy, lambda d: d["iosea_modules"].update(bigmem_module={"partition": "bigmem"}))
     site = load_site(site_copy)
     assert site.modules["bigmem_module"].nodes == ("bigmem1",)
+
+
+@pytest.mark.parametrize("path", ["inventories/local", "inventories/example"])
+def test_snapshot_round_trip(path):
+    import json
+
+    from iosea_wf.site import Site
+
+    site = load_site(path)
+    again = Site.from_dict(json.loads(json.dumps(site.to_dict())))
+    assert again == site
+    assert again.variables == site.variables
+    assert (
+        again.datanodes[next(iter(site.datanodes))].hostvars
+        == site.datanodes[next(iter(site.datanodes))].hostvars
+    )
