@@ -305,7 +305,7 @@ def test_kill_9_of_the_mover_kills_its_worker_processes(tmp_path):
 
 def test_sigterm_cancels_cleanly_and_rerun_completes(tmp_path):
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
-    make_tree(src, n_small=100, big_sizes=(32 * MB,) * 6, seed=3)
+    make_tree(src, n_small=100, big_sizes=(32 * MB,) * 24, seed=3)  # long enough to be interrupted
     expected = digests(src)
     prog = str(tmp_path / "p.json")
     args = ["move", "--workers", "1", "--source", src, "--target", dst, "--progress", prog, "*"]
