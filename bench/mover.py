@@ -2,14 +2,17 @@
 
 Datasets: (a) 1 GiB in 8 files, (b) 20,000 files of 4 KiB in nested directories. Each tool runs
 best-of-N into a fresh directory, with ``sync`` (write-back only: nothing is dropped from the page
-cache) before every timed run, so all tools start from the same clean state. Aims, as ratios to
+cache) before every timed run, so all tools start from the same clean state. The tools are
+interleaved: every round times each tool once, in an order rotated by one each round, so the noise
+of a shared machine (its copies vary several-fold from one second to the next) is spread over all
+of them rather than hitting whichever runs at a given point of the sequence. Aims, as ratios to
 ``cp -a``: (a) mover copy <= 1.2x; (b) mover copy faster than rsync -a; verified move <= 1.5x.
 
 Why ``--settle``: on an ext4 without a journal (this bench box), the inode allocator scans past every
 inode freed in the last ~60 s, which makes file creation right after a mass deletion several times
-slower. ``move`` deletes its sources, so before each later timed run the bench waits that window
-out, so that no tool pays for a previous tool's deletions. Outputs are kept until the end for the
-same reason.
+slower. ``move`` deletes its sources, so after each timed move the bench waits that window out
+before the next timed run, so that no tool pays for a previous tool's deletions. Outputs are kept
+until the end for the same reason.
 
 Run: ``.venv/bin/python bench/mover.py`` (needs rsync: ``apt-get install rsync``).
 """
@@ -76,27 +79,40 @@ def timed(cmd: list[str]) -> float:
 
 
 def bench_dataset(work: str, name: str, src: str, runs: int, settle: float, workers: list[str]) -> dict:
-    """Time every tool on one dataset; return {tool: best seconds}."""
-    times: dict[str, list[float]] = {"cp -a": [], "rsync -a": [], "mover copy": [], "mover move": []}
+    """Time every tool on one dataset; return {tool: best seconds}.
+
+    Each round times the four tools one after the other, starting one tool later every round, so
+    that a slow spell of this shared machine (or whatever a tool leaves behind, e.g. dirty pages
+    that the next run's ``sync`` writes back) does not always hit the same tool.
+    """
+    tools = ["cp -a", "rsync -a", "mover copy", "mover move"]
+    times: dict[str, list[float]] = {tool: [] for tool in tools}
     expected = tree_digest(src)
-    for r in range(runs):
-        times["cp -a"].append(timed(["cp", "-a", src, f"{work}/{name}-cp{r}"]))
-        times["rsync -a"].append(timed(["rsync", "-a", f"{src}/", f"{work}/{name}-rs{r}/"]))
-        out = f"{work}/{name}-mc{r}"
-        times["mover copy"].append(timed([MOVER, "copy", "--source", src, "--target", out, *workers, "*"]))
-    if tree_digest(out) != expected:
-        raise SystemExit(f"bench: mover copy of {name} differs from the source")
     sources = []
     for r in range(runs):  # move sources prepared up front: no creation right after a deletion
         sources.append(f"{work}/{name}-msrc{r}")
         subprocess.run(["cp", "-a", src, sources[-1]], check=True)
-    for r, msrc in enumerate(sources):
-        if r and settle:
-            time.sleep(settle)
-        out = f"{work}/{name}-mm{r}"
-        times["mover move"].append(timed([MOVER, "move", "--source", msrc, "--target", out, *workers, "*"]))
-        if os.listdir(msrc) or tree_digest(out) != expected:
-            raise SystemExit(f"bench: mover move of {name} left files behind or differs from the source")
+    moved = False
+    for r in range(runs):
+        for tool in tools[r % len(tools) :] + tools[: r % len(tools)]:
+            if moved and settle:
+                time.sleep(settle)  # let the last move's mass deletion age out of the inode allocator
+            moved = False
+            if tool == "cp -a":
+                times[tool].append(timed(["cp", "-a", src, f"{work}/{name}-cp{r}"]))
+            elif tool == "rsync -a":
+                times[tool].append(timed(["rsync", "-a", f"{src}/", f"{work}/{name}-rs{r}/"]))
+            elif tool == "mover copy":
+                out = f"{work}/{name}-mc{r}"
+                times[tool].append(timed([MOVER, "copy", "--source", src, "--target", out, *workers, "*"]))
+                if tree_digest(out) != expected:
+                    raise SystemExit(f"bench: mover copy of {name} differs from the source")
+            else:
+                msrc, out = sources[r], f"{work}/{name}-mm{r}"
+                times[tool].append(timed([MOVER, "move", "--source", msrc, "--target", out, *workers, "*"]))
+                moved = True
+                if os.listdir(msrc) or tree_digest(out) != expected:
+                    raise SystemExit(f"bench: mover move of {name} left files behind or differs")
     return {tool: min(ts) for tool, ts in times.items()}
 
 
