@@ -711,19 +711,27 @@ def follow(
     step: str,
     instance: int,
     on_update: Callable[[dict[str, Any]], None],
-    poll: float = 0.25,
+    poll: float = 0.1,
+    max_poll: float = 1.0,
+    fast_for: float = 5.0,
 ) -> dict[str, Any]:
-    """Poll a step instance until every job of it has ended; call ``on_update`` with each view."""
+    """Poll a step instance until every job of it has ended; call ``on_update`` with each view.
+
+    Polls every ``poll`` seconds for the first ``fast_for`` seconds (a short step is seen ending
+    as soon as a user polling by hand would see it), then every ``max_poll`` seconds, so a long
+    step costs slurmctld one bounded status call a second.
+    """
     from . import steps
     from .errors import WorkFailed
 
+    slow_after = time.monotonic() + fast_for
     while True:
         record = steps.refresh(ctx, find_session(ctx, session))
         inst = steps.find_instance(record, step, instance)
         on_update(steps.view(inst))
         if steps.instance_done(inst):
             break
-        time.sleep(poll)
+        time.sleep(poll if time.monotonic() < slow_after else max_poll)
     if not steps.instance_succeeded(inst):
         view = steps.view(inst)
         bad = [
