@@ -49,10 +49,10 @@ def plain_sbatch(work: Path) -> float:
     return time.perf_counter() - t0
 
 
-def iosea_run(work: Path, env: dict[str, str]) -> float:
+def iosea_run(work: Path, env: dict[str, str], wait: bool = True) -> float:
     t0 = time.perf_counter()
     subprocess.run(
-        [str(BIN / "iosea-wf"), "run", "SESSION=overhead", "STEP=trivial", "--wait"],
+        [str(BIN / "iosea-wf"), "run", "SESSION=overhead", "STEP=trivial"] + (["--wait"] if wait else []),
         cwd=work,
         env=env,
         capture_output=True,
@@ -178,15 +178,7 @@ def main() -> None:
                 check=True,
             )
             sub_plain.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            subprocess.run(
-                [str(BIN / "iosea-wf"), "run", "SESSION=overhead", "STEP=trivial"],
-                cwd=work,
-                env=env,
-                capture_output=True,
-                check=True,
-            )
-            sub_ours.append(time.perf_counter() - t0)
+            sub_ours.append(iosea_run(work, env, wait=False))
         subprocess.run(["scancel", "--name=job.sh"], capture_output=True)
         _wait_idle(work, env)
         subprocess.run(

@@ -129,68 +129,45 @@ def test_another_ansible_configuration_never_uses_the_server(warm):
     assert _wait(lambda: len(list(warm["runtime"].glob("*.sock"))) == 2, 30)
 
 
-def test_a_killed_client_leaves_no_playbook_running(warm):
-    nap = "117.31"
+def _napping_run(warm, nap: str) -> tuple[subprocess.Popen, int]:
+    """A warm run parked in its `sleep NAP` task: (the client, the served child's pid)."""
     _run(warm, "-e", "word=x")
     assert _wait(lambda: _up(warm), 30)
+    argv = [
+        CLIENT,
+        "p.yml",
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        "-e",
+        INTERPRETER,
+        "-e",
+        "word=x",
+        "-e",
+        f"nap={nap}",
+    ]
     client = subprocess.Popen(
-        [
-            CLIENT,
-            "p.yml",
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            INTERPRETER,
-            "-e",
-            "word=x",
-            "-e",
-            f"nap={nap}",
-        ],
-        cwd=warm["books"],
-        env=warm["env"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        argv, cwd=warm["books"], env=warm["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     assert _wait(lambda: len(_served(warm)) == 1, 30)
     child = int(re.search(r"run (\d+):", _served(warm)[0]).group(1))
     assert _wait(lambda: _sleepers(nap), 30), "the playbook never reached its sleep task"
+    return client, child
+
+
+def test_a_killed_client_leaves_no_playbook_running(warm):
+    client, child = _napping_run(warm, "117.31")
     client.kill()  # kill -9: the client cannot forward anything
     client.wait()
-    assert _wait(lambda: not alive(child) and not _sleepers(nap), 15), "the run outlived its client"
+    assert _wait(lambda: not alive(child) and not _sleepers("117.31"), 15), "the run outlived its client"
 
 
 def test_sigterm_to_the_client_reaches_the_playbook(warm):
-    nap = "117.32"
-    _run(warm, "-e", "word=x")
-    assert _wait(lambda: _up(warm), 30)
-    client = subprocess.Popen(
-        [
-            CLIENT,
-            "p.yml",
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            INTERPRETER,
-            "-e",
-            "word=x",
-            "-e",
-            f"nap={nap}",
-        ],
-        cwd=warm["books"],
-        env=warm["env"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    assert _wait(lambda: len(_served(warm)) == 1, 30)
-    child = int(re.search(r"run (\d+):", _served(warm)[0]).group(1))
-    assert _wait(lambda: _sleepers(nap), 30)
+    client, child = _napping_run(warm, "117.32")
     client.terminate()
     assert client.wait(timeout=30) != 0
-    assert _wait(lambda: not alive(child) and not _sleepers(nap), 15)
+    assert _wait(lambda: not alive(child) and not _sleepers("117.32"), 15)
 
 
 def test_an_unsafe_runtime_dir_means_cold_runs_only(warm, tmp_path):
