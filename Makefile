@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed  ## create .venv with iosea-wf (editable) and every dependency
 
 lint: install  ## ruff, yamllint and ansible-lint
-	$(BIN)/ruff check iosea_wf tests bench
-	$(BIN)/ruff format --check iosea_wf tests bench
+	$(BIN)/ruff check iosea_wf tests bench roles
+	$(BIN)/ruff format --check iosea_wf tests bench roles
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint -q playbooks roles
 
