@@ -10,9 +10,16 @@ of them rather than hitting whichever runs at a given point of the sequence. Aim
 
 Why ``--settle``: on an ext4 without a journal (this bench box), the inode allocator scans past every
 inode freed in the last ~60 s, which makes file creation right after a mass deletion several times
-slower. ``move`` deletes its sources, so after each timed move the bench waits that window out
-before the next timed run, so that no tool pays for a previous tool's deletions. Outputs are kept
-until the end for the same reason.
+slower. ``move`` deletes its sources, so after each timed move of dataset (b) the bench waits that
+window out before the next timed run, so that no tool pays for a previous tool's deletions, and (b)'s
+outputs are kept until the end for the same reason. Dataset (a) has 8 files: its outputs are deleted
+before each timed run instead, so that every tool writes into the same recycled memory (see
+``bench_dataset``).
+
+``move`` syncs the target filesystem before it deletes any source (a moved file must survive a crash
+of the node, not only a kill of the mover), which ``cp -a`` never does: the bench also prints
+"cp -a + sync", the time for a copy that is on the disk when it ends, as the reference a durable move
+can be read against. The aims themselves are ratios to plain ``cp -a``, as specified.
 
 Run: ``.venv/bin/python bench/mover.py`` (needs rsync: ``apt-get install rsync``).
 """
@@ -78,30 +85,59 @@ def timed(cmd: list[str]) -> float:
     return elapsed
 
 
-def bench_dataset(work: str, name: str, src: str, runs: int, settle: float, workers: list[str]) -> dict:
-    """Time every tool on one dataset; return {tool: best seconds}.
+def bench_dataset(
+    work: str, name: str, src: str, runs: int, settle: float, workers: list[str], verbose: bool = False
+) -> dict:
+    """Time every tool on one dataset; return {tool: best seconds}, plus "cp -a + sync".
 
     Each round times the four tools one after the other, starting one tool later every round, so
-    that a slow spell of this shared machine (or whatever a tool leaves behind, e.g. dirty pages
-    that the next run's ``sync`` writes back) does not always hit the same tool.
+    that a slow spell of this shared machine does not always hit the same tool.
+
+    Memory: with ``settle == 0`` (dataset a: 8 large files) every timed run starts with the
+    outputs of the runs before it deleted (untimed), so each tool writes into the page cache the
+    last run freed, the same amount for every tool. Keeping 12 GiB of outputs instead made the
+    later runs of a round pay for reclaiming the earlier ones' and for the VM's first touches of
+    fresh memory: the same ``cp -a`` took 0.33 s or 3.4 s depending on its place in the sequence.
+    With ``settle`` (dataset b: 20,000 files) outputs are kept instead: deleting 20,000 files makes
+    the next creations slow for a minute (see ``--settle``), which would hit the next tool.
+
+    "cp -a + sync": after each timed ``cp -a``, the ``sync`` that writes its copy to the disk is
+    timed too; the sum is what a copy that is on stable storage when it ends costs, the floor
+    under a move that syncs before deleting its sources.
     """
     tools = ["cp -a", "rsync -a", "mover copy", "mover move"]
-    times: dict[str, list[float]] = {tool: [] for tool in tools}
+    times: dict[str, list[float]] = {tool: [] for tool in [*tools, "cp -a + sync"]}
     expected = tree_digest(src)
-    sources = []
-    for r in range(runs):  # move sources prepared up front: no creation right after a deletion
-        sources.append(f"{work}/{name}-msrc{r}")
-        subprocess.run(["cp", "-a", src, sources[-1]], check=True)
+    recycle = not settle
+    sources = {}
+    if not recycle:  # move sources prepared up front: no creation right after a deletion
+        for r in range(runs):
+            sources[r] = f"{work}/{name}-msrc{r}"
+            subprocess.run(["cp", "-a", src, sources[r]], check=True)
+    outputs: list[str] = []
     moved = False
     for r in range(runs):
         for tool in tools[r % len(tools) :] + tools[: r % len(tools)]:
             if moved and settle:
                 time.sleep(settle)  # let the last move's mass deletion age out of the inode allocator
             moved = False
+            if recycle:
+                for path in outputs:
+                    shutil.rmtree(path)
+                outputs.clear()
+                if tool == "mover move":
+                    sources[r] = f"{work}/{name}-msrc{r}"
+                    subprocess.run(["cp", "-a", src, sources[r]], check=True)
+                    outputs.append(sources[r])
             if tool == "cp -a":
-                times[tool].append(timed(["cp", "-a", src, f"{work}/{name}-cp{r}"]))
+                out = f"{work}/{name}-cp{r}"
+                times[tool].append(timed(["cp", "-a", src, out]))
+                t0 = time.perf_counter()
+                os.sync()
+                times["cp -a + sync"].append(times[tool][-1] + time.perf_counter() - t0)
             elif tool == "rsync -a":
-                times[tool].append(timed(["rsync", "-a", f"{src}/", f"{work}/{name}-rs{r}/"]))
+                out = f"{work}/{name}-rs{r}"
+                times[tool].append(timed(["rsync", "-a", f"{src}/", f"{out}/"]))
             elif tool == "mover copy":
                 out = f"{work}/{name}-mc{r}"
                 times[tool].append(timed([MOVER, "copy", "--source", src, "--target", out, *workers, "*"]))
@@ -113,6 +149,10 @@ def bench_dataset(work: str, name: str, src: str, runs: int, settle: float, work
                 moved = True
                 if os.listdir(msrc) or tree_digest(out) != expected:
                     raise SystemExit(f"bench: mover move of {name} left files behind or differs")
+            outputs.append(out)
+    if verbose:
+        for tool, ts in times.items():
+            print(f"  ({name}) {tool}: " + " ".join(f"{t:.2f}" for t in ts), flush=True)
     return {tool: min(ts) for tool, ts in times.items()}
 
 
@@ -123,6 +163,7 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=65.0, help="seconds to wait after mass deletions")
     ap.add_argument("--workers", help="pass --workers N to the mover (default: its own default)")
     ap.add_argument("--only", choices=["a", "b"], help="run one dataset only")
+    ap.add_argument("--verbose", action="store_true", help="print every timing, not only the best")
     args = ap.parse_args()
     if shutil.which("rsync") is None:
         raise SystemExit("bench: rsync is missing (apt-get install -y rsync)")
@@ -137,7 +178,8 @@ def main() -> int:
                 continue
             src = f"{work}/src-{key}"
             build(src)
-            best = bench_dataset(work, key, src, args.runs, args.settle if key == "b" else 0.0, workers)
+            settle = args.settle if key == "b" else 0.0
+            best = bench_dataset(work, key, src, args.runs, settle, workers, args.verbose)
             cp = best["cp -a"]
             parts = [f"{tool} {t:.2f}s {t / cp:.2f}x" for tool, t in best.items()]
             if key == "a":

@@ -8,33 +8,38 @@ Integrity argument
 * Each file is written to ``.<name>.iosea-tmp-<hex>`` in its target directory and renamed over its
   final name only when complete, so a reader (or a crash) never sees a partial file under a final
   name: rename(2) within one directory is atomic.
-* The source is read once; its bytes are hashed (xxh3-128) from the very buffer handed to write(2),
-  while that buffer is in the CPU cache, so the digest describes exactly what was written. A small
-  file (< 1 MiB) is one read of size+1 bytes (a short or long read means it changed) and one write
-  whose count must be the whole file; a large one is streamed in chunks, every write must take its
-  whole chunk, the total must be the planned size and the temp file must end up that long. The
-  rename happens only if, after the last read, the source's size and mtime (fstat of the open
-  descriptor) are still those of the plan. ``--fsync`` adds an fsync of each temp file.
+* Small files (< 1 MiB) are read once; the bytes are hashed (xxh3-128) from the very buffer handed
+  to write(2), so the digest describes exactly what was written: one read of size+1 bytes (a short
+  or long read means the file changed) and one write whose count must be the whole file. Large
+  files are copied by the kernel (copy_file_range, else sendfile; through the buffer only where
+  neither works) in 8 MiB chunks, and each chunk is then hashed on both sides, source and temp
+  file, through read-only mappings of the page cache; the two digests must agree, the total must
+  be the planned size and the temp file must have that length. The rename happens only if, after
+  the copy, the source's size and mtime (fstat of the open descriptor) are still those of the
+  plan. ``--fsync`` adds an fsync of each temp file.
 * What this does and does not check: it catches short or failed writes, truncation, a source that
-  changes during the copy, and (through the recorded digest) a target that differs on a later
-  verification (resume, move). It does not re-read the target right away: that read would be
-  served from the page cache just filled by the same write, so it would only re-test the kernel's
-  memcpy, not the storage, at the cost of a second memory pass (measured: the dominant extra cost of
-  a large-file copy). Proving the media holds the bytes would need a read after the cache is
-  dropped; a move relies instead on syncfs before deleting (below), and a rerun re-hashes the target
-  against the journal before deleting a source it did not copy itself.
+  changes during the copy (a large one even when rewritten in place with its size and mtime
+  kept), and (through the recorded digest) a target that differs on a later verification
+  (resume, move). It does not prove the media holds the bytes: right after the copy both sides
+  are read from the page cache. That would need a read after the cache is dropped; a move relies
+  instead on syncfs before deleting (below), and a rerun re-hashes the target against the
+  journal before deleting a source it did not copy itself.
 * ``move`` deletes a source only after its copy was verified and renamed into place, and only after
   it checked (lstat) that the source still has the size and mtime it had when copied. A worker
   deletes its verified sources when it has no more work (also when the run is cancelled), after
   one ``syncfs`` of the target filesystem, so a moved file's data is on stable storage before its
   source is gone: a kill -9 *or a node crash* at any moment leaves each file complete at the
-  source, at the target, or both.
+  source, at the target, or both. (The chunks of large files are handed to the disk as they
+  are copied, so that syncfs mostly waits for writes already under way.)
 * Worker processes (forked, so they share the plan) ask the kernel to SIGKILL them when the parent
   dies (PR_SET_PDEATHSIG, plus a getppid() check for a parent that died before that took effect),
   so a kill -9 of the mover stops its workers too; each of their steps above is atomic or leaves
   only a temp file. They ignore SIGTERM/SIGINT: the parent relays a cancellation through a shared
   stop flag that they poll per file and per chunk, so a cancelled run removes its in-flight temp
-  files, deletes (move) only what was verified, and exits 143/130.
+  files, deletes (move) only what was verified, and exits 143/130. A worker that dies anyway (a
+  bug, or SIGBUS: a large source cut by someone else in the instant between the check of its
+  size and the hash of a chunk just copied) is reported by the parent, and the run fails; its
+  temp file is removed by the rerun, and nothing was deleted that was not verified.
 * Resuming: stale temp files in the target directories are removed first. An element already at the
   target with the source's size and mtime is verified rather than copied again: when the journal
   (:mod:`iosea_wf.mover.journal`, one append per batch of files by each worker) recorded it, for
@@ -88,6 +93,7 @@ _BATCH_BYTES = 16 << 20
 _UNLINK_THREADS = 4  # per worker: unlinks that wait on the disk overlap (measured: 4 workers x 4 best)
 _UNLINK_MIN = 64  # fewer sources than this per thread are not worth a thread
 _PR_SET_PDEATHSIG = 1
+_SYNC_FILE_RANGE_WRITE = 2
 _STOP = 0  # slot of the shared stop flag; then (files, bytes, verified bytes) per worker
 _SLOTS = 3
 _MSG_MAX = 3000  # one message per pipe write, well under PIPE_BUF (4096): never interleaved
@@ -137,15 +143,27 @@ def _join(root: str, rel: str) -> str:
 
 
 class _Libc:
-    """The two libc calls Python lacks (syncfs, prctl); ctypes is loaded once, before forking."""
+    """The libc calls Python lacks (syncfs, sync_file_range, prctl); ctypes is loaded once, before forking."""
 
     def __init__(self) -> None:
+        self.syncfs = self.prctl = self.sync_file_range = None
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             self.syncfs = libc.syncfs
             self.prctl = libc.prctl
+            self.sync_file_range = libc.sync_file_range
+            self.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
         except (AttributeError, OSError):
-            self.syncfs = self.prctl = None
+            pass
+
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        """Start writing ``fd``'s range to the disk now, without waiting (a hint: errors ignored).
+
+        A move's ``syncfs`` before deleting sources then finds most of the data already written:
+        the disk works while the copy goes on instead of after it.
+        """
+        if self.sync_file_range is not None:
+            self.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
     def sync_fs(self, fd: int) -> None:
         """Flush the filesystem holding ``fd`` to stable storage (syncfs, or sync where missing)."""
@@ -421,6 +439,11 @@ class _Worker:
         self.run = run
         self.move = run.move
         self.fsync = run.fsync
+        # A move starts the write-back of each chunk of a large file as soon as it is copied, so
+        # that the disk works during the copy rather than in the syncfs after it (1 GiB moved in
+        # 8 files: 1.16 s -> 0.70 s, the time of cp -a + sync). Small files are left to syncfs,
+        # which writes them back in larger, merged requests.
+        self.writeback = run.libc.start_writeback if run.move else None
         self.a = run.shared
         self.files_i = 1 + _SLOTS * slot
         self.res_w = res_w
@@ -520,6 +543,7 @@ class _Worker:
                     self.add_bytes,
                     self.stopping,
                     self.fsync,
+                    self.writeback if e.size >= filecopy.BUF_SIZE else None,
                 )
                 self.records.append((rel, st.st_size, st.st_mtime_ns, digest.hex()))
                 self.queue_delete(d, name, st.st_size, st.st_mtime_ns)

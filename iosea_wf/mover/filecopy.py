@@ -1,8 +1,22 @@
-"""Copy one file or symlink into place atomically, hashing the bytes as they stream.
+"""Copy one file or symlink into place atomically, and verify the copy by hashing.
 
 See :mod:`iosea_wf.mover.engine` for the integrity argument these primitives implement. File
 copies work relative to open directory descriptors (the worker keeps one pair per directory), so
 each file costs one short name lookup per call instead of a walk of the whole path.
+
+Two ways of copying a file's bytes:
+
+* small files (< ``BUF_SIZE``): one read into an aligned buffer, one write of it; the digest is
+  of that buffer, i.e. of exactly what was written;
+* large files: the kernel copies, chunk by chunk (``copy_file_range``, else ``sendfile``: no
+  trip of the data through this process), then each chunk is hashed on both sides, the source
+  and the temp file, through read-only mappings of the page cache (no copy into this process
+  either), and the two digests must agree. Measured on the bench box: writing a large file
+  from a user buffer ran at 0.15-0.3 GB/s for minutes at a time (the VM's fresh page-cache
+  folios, 1 MiB each for 1 MiB writes), while kernel copies of the same data ran at 3 GB/s in
+  the same minutes; read+write of 1 GiB took 0.25 s or 2.6 s, the kernel copy 0.26-0.35 s.
+  Where neither kernel call works between the two files (an old kernel, a filesystem that
+  refuses), the file is streamed through the buffer as a small one would be, chunk by chunk.
 """
 
 from __future__ import annotations
@@ -20,9 +34,17 @@ from iosea_wf.mover.patterns import TEMP_MARK
 
 # 1 MiB buffers: measured on the bench box, larger buffers gave no gain and 256 KiB cost ~10 %.
 BUF_SIZE = 1 << 20
+# Kernel copies go CHUNK bytes at a time: the step of progress, of cancellation and of hashing
+# (8 MiB of each side is hashed while it is still in the CPU's last-level cache).
+CHUNK = 8 << 20
+# What copy_file_range / sendfile raise when they cannot copy between these two files at all.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+_PAGE = mmap.ALLOCATIONGRANULARITY
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # populate: one call maps the whole chunk
 _NAME_MAX = 255
 _RD = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO must not hang us
 _WR = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_WR_READ = _WR & ~os.O_WRONLY | os.O_RDWR  # large files: the copy is mapped back to be hashed
 _AS_ROOT = os.geteuid() == 0
 _EGID = os.getegid()
 _UMASK = os.umask(0o022)
@@ -103,20 +125,22 @@ def copy_file(
     add_bytes: Callable[[int], None],
     stopping: Callable[[], bool],
     fsync: bool = False,
+    written: Callable[[int, int, int], None] | None = None,
 ) -> tuple[os.stat_result, bytes]:
     """Copy regular file ``name`` of directory fd ``sdir`` to ``name`` in ``tdir`` through ``tmp``.
 
-    Return the source's stat and the xxh3-128 of the bytes read and written. ``planned`` is the
+    Return the source's stat and the xxh3-128 of the bytes the copy holds. ``planned`` is the
     source's (size, mtime_ns, mode) when the transfer was planned: a source that differs afterwards
     is refused rather than copied half-old, half-new. ``add_bytes`` is called as bytes land (large
     files chunk by chunk, a small file once it is in place). ``buf`` should come from
-    :func:`new_buffer` (aligned).
+    :func:`new_buffer` (aligned). ``written(fd, offset, length)``, if given, is called for each
+    range of the temp file once it is written (a move starts the write-back to disk there).
     """
     size, mtime_ns, mode = planned
     sfd = os.open(name, _RD, dir_fd=sdir)
     try:
         # Created with its final mode, so the usual case (no umask bit in it) needs no fchmod.
-        tfd = os.open(tmp, _WR, mode, dir_fd=tdir)
+        tfd = os.open(tmp, _WR_READ if size >= len(buf) else _WR, mode, dir_fd=tdir)
         try:
             if size < len(buf):
                 # Small file: one read into the aligned buffer (asking one byte more detects growth)
@@ -132,8 +156,12 @@ def copy_file(
                 if n != size:
                     _write_all(tfd, memoryview(data)[n:])
                 digest = xxhash.xxh3_128_digest(data)
+                if written is not None:
+                    written(tfd, 0, size)
             else:
-                digest = _stream(sfd, tfd, size, buf, add_bytes, stopping)
+                digest = _kernel_copy(sfd, tfd, size, buf, add_bytes, stopping, written)
+                if digest is None:
+                    digest = _stream(sfd, tfd, size, buf, add_bytes, stopping, written)
             st = _finish(tfd, sfd, size, mtime_ns, mode, fsync)
         finally:
             os.close(tfd)
@@ -149,7 +177,93 @@ def copy_file(
     return st, digest
 
 
-def _stream(sfd: int, tfd: int, size: int, buf, add_bytes, stopping) -> bytes:
+def _copy_file_range(sfd: int, tfd: int, count: int, offset: int) -> int:
+    return os.copy_file_range(sfd, tfd, count, offset, offset)
+
+
+def _sendfile(sfd: int, tfd: int, count: int, offset: int) -> int:
+    return os.sendfile(tfd, sfd, offset, count)  # writes at tfd's position: sequential from 0 here
+
+
+def _kernel_copy(sfd: int, tfd: int, size: int, buf, add_bytes, stopping, written=None) -> bytes | None:
+    """Copy sfd to tfd in the kernel, chunk by chunk, and verify; return the digest.
+
+    Return None, having written nothing, when neither ``copy_file_range`` nor ``sendfile`` can
+    copy between these two files. Each chunk the kernel copied is then hashed on the source and
+    on the temp file (:func:`_hash_range`); the copy is refused unless both digests agree, the
+    byte count is the planned size, and the temp file has exactly that length. So the digest
+    describes what the target holds, and a source that changed during the copy (even in place,
+    size and mtime kept) is caught by the comparison.
+    """
+    copy = _copy_file_range
+    src_hash, dst_hash = xxhash.xxh3_128(), xxhash.xxh3_128()
+    total = 0
+    while total <= size:  # one byte past the plan is asked for: a source that grew is caught
+        if stopping():
+            raise CopyAborted()
+        try:
+            n = copy(sfd, tfd, min(CHUNK, size + 1 - total), total)
+        except OSError as e:
+            if total or e.errno not in _NO_KERNEL_COPY:
+                raise
+            if copy is _sendfile:
+                return None
+            copy = _sendfile
+            continue
+        if not n:
+            break
+        # Mapping the source past its end would kill this process (SIGBUS): a source cut since
+        # the copy is refused here. (One cut between this check and the hash can still kill the
+        # worker; the run then fails and is rerun, with nothing lost: see the engine.)
+        if os.fstat(sfd).st_size < total + n:
+            raise CopyFailed(CHANGED)
+        _hash_range(sfd, total, n, src_hash, buf)
+        _hash_range(tfd, total, n, dst_hash, buf)
+        if written is not None:
+            written(tfd, total, n)
+        total += n
+        add_bytes(n)
+    if total != size:
+        raise CopyFailed(CHANGED)
+    if os.fstat(tfd).st_size != total:
+        raise CopyFailed("verification failed: the copy does not have the length written")
+    digest = dst_hash.digest()
+    if src_hash.digest() != digest:
+        raise CopyFailed("verification failed: the copy differs from the source (changed while copied?)")
+    return digest
+
+
+def _hash_range(fd: int, offset: int, length: int, h, buf) -> None:
+    """Feed bytes [offset, offset+length) of ``fd`` to ``h``: through a read-only mapping of the
+    page cache (no copy), or read into ``buf`` where the file cannot be mapped."""
+    start = offset - offset % _PAGE
+    try:
+        mapped = mmap.mmap(fd, offset + length - start, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=start)
+    except OSError:
+        _hash_read(fd, offset, length, h, buf)
+        return
+    try:
+        if start == offset:
+            h.update(mapped)
+        else:
+            with memoryview(mapped) as view, view[offset - start :] as part:
+                h.update(part)
+    finally:
+        mapped.close()
+
+
+def _hash_read(fd: int, offset: int, length: int, h, buf) -> None:
+    view = memoryview(buf)
+    end = offset + length
+    while offset < end:
+        n = os.preadv(fd, [view[: min(len(view), end - offset)]], offset)
+        if not n:
+            raise CopyFailed(CHANGED)  # the file ended before the bytes just copied
+        h.update(view[:n])
+        offset += n
+
+
+def _stream(sfd: int, tfd: int, size: int, buf, add_bytes, stopping, written=None) -> bytes:
     """Copy sfd to tfd through ``buf``, hashing each chunk while it is in the CPU cache; return the digest.
 
     Every write must take the whole chunk, the byte count must be the planned size, and the temp file
@@ -167,6 +281,8 @@ def _stream(sfd: int, tfd: int, size: int, buf, add_bytes, stopping) -> bytes:
         chunk = view[:n]
         h.update(chunk)
         _write_all(tfd, chunk)
+        if written is not None:
+            written(tfd, total, n)
         total += n
         add_bytes(n)
     if total != size:

@@ -1,9 +1,11 @@
-"""Tests of the mover's file-copy primitives (aligned buffer, sizes at chunk edges, changing sources)
-and of the end-of-run parallel deletion of a move."""
+"""Tests of the mover's file-copy primitives (aligned buffer, sizes at chunk edges, the kernel copy
+and its fallbacks, changing sources) and of the end-of-run parallel deletion of a move."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import mmap
 import os
 
 import pytest
@@ -13,9 +15,10 @@ from iosea_wf.mover import engine, filecopy
 from tests.unit.mover_helpers import digests, leftovers, write
 
 BUF = filecopy.BUF_SIZE
+CHUNK = filecopy.CHUNK
 
 
-def _copy(tmp_path, data: bytes, planned_size: int | None = None, on_bytes=None):
+def _copy(tmp_path, data: bytes, planned_size: int | None = None, on_bytes=None, written=None):
     """Copy src/f to dst/f with copy_file; return (stat, digest) or raise what copy_file raised."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     write(str(src / "f"), data, mode=0o640, mtime=1_600_000_000)
@@ -34,6 +37,7 @@ def _copy(tmp_path, data: bytes, planned_size: int | None = None, on_bytes=None)
             filecopy.new_buffer(),
             on_bytes or (lambda n: None),
             lambda: False,
+            written=written,
         )
     finally:
         os.close(sdir)
@@ -46,19 +50,130 @@ def test_new_buffer_is_page_aligned():
     assert ctypes.addressof(ctypes.c_char.from_buffer(buf)) % 4096 == 0
 
 
-@pytest.mark.parametrize("size", [0, 1, 4095, BUF - 1, BUF, BUF + 1, 2 * BUF, 3 * BUF - 7])
+def _check_copied(tmp_path, data: bytes, st, digest) -> None:
+    out = tmp_path / "dst" / "f"
+    assert out.read_bytes() == data
+    assert digest == xxhash.xxh3_128_digest(data) and st.st_size == len(data)
+    assert os.listdir(tmp_path / "dst") == ["f"]  # no temp file left
+
+
+SIZES = [0, 1, 4095, BUF - 1, BUF, BUF + 1, 3 * BUF - 7, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 4097]
+
+
+@pytest.mark.parametrize("size", SIZES)
 def test_copy_file_sizes_at_chunk_edges(tmp_path, size):
     data = os.urandom(size)
-    st, digest = _copy(tmp_path, data)
+    ranges = []
+    st, digest = _copy(tmp_path, data, written=lambda fd, off, n: ranges.append((off, n)))
     out = tmp_path / "dst" / "f"
     assert out.read_bytes() == data
     assert digest == xxhash.xxh3_128_digest(data) and st.st_size == size
     ost = os.stat(out)
     assert ost.st_mode & 0o777 == 0o640 and ost.st_mtime_ns == 1_600_000_000 * 10**9
     assert os.listdir(tmp_path / "dst") == ["f"]  # no temp file left
+    # The write-back hook saw every byte of the temp file once, in order (a move relies on it).
+    assert [off for off, _n in ranges] == [sum(n for _o, n in ranges[:i]) for i in range(len(ranges))]
+    assert sum(n for _o, n in ranges) == size
 
 
-@pytest.mark.parametrize("size", [100, 3 * BUF + 5])
+def _counting(monkeypatch, name: str, fail_errno: int | None = None) -> list[int]:
+    """Wrap ``os.<name>`` to count its calls, or make it fail with ``fail_errno``."""
+    calls: list[int] = []
+    real = getattr(os, name)
+
+    def wrapper(*args):
+        calls.append(1)
+        if fail_errno is not None:
+            raise OSError(fail_errno, os.strerror(fail_errno))
+        return real(*args)
+
+    monkeypatch.setattr(os, name, wrapper)
+    return calls
+
+
+def test_large_file_is_copied_by_the_kernel_in_chunks(tmp_path, monkeypatch):
+    cfr = _counting(monkeypatch, "copy_file_range")
+    readv = _counting(monkeypatch, "readv")
+    data = os.urandom(2 * CHUNK + 5)
+    _check_copied(tmp_path, data, *_copy(tmp_path, data))
+    assert len(cfr) == 4 and readv == []  # 3 chunks + the end-of-file probe; no byte through Python
+
+
+@pytest.mark.parametrize("code", [errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL])
+def test_sendfile_is_used_where_copy_file_range_cannot_copy(tmp_path, monkeypatch, code):
+    _counting(monkeypatch, "copy_file_range", fail_errno=code)
+    sent = _counting(monkeypatch, "sendfile")
+    data = os.urandom(CHUNK + 3 * BUF)
+    _check_copied(tmp_path, data, *_copy(tmp_path, data))
+    assert len(sent) >= 2
+
+
+def test_stream_through_the_buffer_where_no_kernel_copy_works(tmp_path, monkeypatch):
+    _counting(monkeypatch, "copy_file_range", fail_errno=errno.EXDEV)
+    _counting(monkeypatch, "sendfile", fail_errno=errno.EINVAL)
+    data = os.urandom(CHUNK + 3 * BUF)
+    _check_copied(tmp_path, data, *_copy(tmp_path, data))
+
+
+def test_a_kernel_copy_error_that_is_not_unsupported_fails_the_file(tmp_path, monkeypatch):
+    _counting(monkeypatch, "copy_file_range", fail_errno=errno.EIO)
+    with pytest.raises(OSError) as info:
+        _copy(tmp_path, os.urandom(2 * BUF))
+    assert info.value.errno == errno.EIO and os.listdir(tmp_path / "dst") == []
+
+
+def test_hash_by_reading_where_files_cannot_be_mapped(tmp_path, monkeypatch):
+    real = mmap.mmap
+    refused = []
+
+    def no_file_maps(fd, *args, **kwargs):
+        if fd >= 0:
+            refused.append(fd)
+            raise OSError(errno.ENODEV, "no mmap here")
+        return real(fd, *args, **kwargs)  # the anonymous buffer
+
+    monkeypatch.setattr(filecopy.mmap, "mmap", no_file_maps)
+    data = os.urandom(CHUNK + 7)
+    _check_copied(tmp_path, data, *_copy(tmp_path, data))
+    assert len(refused) == 4  # 2 chunks, each hashed on both sides
+
+
+def test_source_rewritten_in_place_during_the_copy_is_refused(tmp_path, monkeypatch):
+    """Same size, same mtime afterwards: only the comparison of the two digests can see it."""
+    path = tmp_path / "src" / "f"
+    real = os.copy_file_range
+
+    def copy_then_rewrite(src, dst, count, *offsets):
+        n = real(src, dst, count, *offsets)
+        st = os.stat(path)
+        with open(path, "r+b") as f:
+            f.write(b"\0" * 16)  # after the kernel copied the old bytes of this chunk
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return n
+
+    monkeypatch.setattr(os, "copy_file_range", copy_then_rewrite)
+    with pytest.raises(filecopy.CopyFailed, match="differs from the source"):
+        _copy(tmp_path, os.urandom(2 * BUF))
+    assert os.listdir(tmp_path / "dst") == []
+
+
+def test_source_cut_between_the_copy_and_its_hash_is_refused_not_fatal(tmp_path, monkeypatch):
+    """The bytes just copied are gone from the source: mapping them would raise SIGBUS."""
+    path = tmp_path / "src" / "f"
+    real = os.copy_file_range
+
+    def copy_then_cut(src, dst, count, *offsets):
+        n = real(src, dst, count, *offsets)
+        os.truncate(path, 4096)
+        return n
+
+    monkeypatch.setattr(os, "copy_file_range", copy_then_cut)
+    with pytest.raises(filecopy.CopyFailed, match="changed since"):
+        _copy(tmp_path, os.urandom(3 * BUF))
+    assert os.listdir(tmp_path / "dst") == []
+
+
+@pytest.mark.parametrize("size", [100, 3 * BUF + 5, 2 * CHUNK + 5])
 @pytest.mark.parametrize("delta", [-1, 1])
 def test_source_of_another_size_than_planned_is_refused(tmp_path, size, delta):
     """The plan says one size, the file has another (it grew or shrank after planning)."""
@@ -80,10 +195,10 @@ def test_source_changing_while_streamed_is_refused(tmp_path, change):
                 with open(path, "ab") as f:
                     f.write(b"x" * 10)
             else:
-                os.truncate(path, BUF + 10)
+                os.truncate(path, CHUNK + 10)
 
     with pytest.raises(filecopy.CopyFailed, match="changed since"):
-        _copy(tmp_path, os.urandom(4 * BUF), on_bytes=on_bytes)
+        _copy(tmp_path, os.urandom(3 * CHUNK), on_bytes=on_bytes)
     assert os.listdir(tmp_path / "dst") == []
 
 
