@@ -18,8 +18,9 @@ before each timed run instead, so that every tool writes into the same recycled 
 
 ``move`` syncs the target filesystem before it deletes any source (a moved file must survive a crash
 of the node, not only a kill of the mover), which ``cp -a`` never does: the bench also prints
-"cp -a + sync", the time for a copy that is on the disk when it ends, as the reference a durable move
-can be read against. The aims themselves are ratios to plain ``cp -a``, as specified.
+"cp -a + sync", the time for a copy that is on the disk when it ends, and "cp -a + sync + rm -rf",
+a durable move done with standard tools, as references a durable move can be read against. The
+aims themselves are ratios to plain ``cp -a``, as specified.
 
 Run: ``.venv/bin/python bench/mover.py`` (needs rsync: ``apt-get install rsync``).
 """
@@ -88,7 +89,7 @@ def timed(cmd: list[str]) -> float:
 def bench_dataset(
     work: str, name: str, src: str, runs: int, settle: float, workers: list[str], verbose: bool = False
 ) -> dict:
-    """Time every tool on one dataset; return {tool: best seconds}, plus "cp -a + sync".
+    """Time every tool on one dataset; return {tool: best seconds}, plus two references for a move.
 
     Each round times the four tools one after the other, starting one tool later every round, so
     that a slow spell of this shared machine does not always hit the same tool.
@@ -103,17 +104,19 @@ def bench_dataset(
 
     "cp -a + sync": after each timed ``cp -a``, the ``sync`` that writes its copy to the disk is
     timed too; the sum is what a copy that is on stable storage when it ends costs, the floor
-    under a move that syncs before deleting its sources.
+    under a move that syncs before deleting its sources. "cp -a + sync + rm -rf" adds the time
+    ``rm -rf`` takes to delete one more copy of the dataset: a durable move with standard tools.
     """
     tools = ["cp -a", "rsync -a", "mover copy", "mover move"]
     times: dict[str, list[float]] = {tool: [] for tool in [*tools, "cp -a + sync"]}
     expected = tree_digest(src)
     recycle = not settle
-    sources = {}
-    if not recycle:  # move sources prepared up front: no creation right after a deletion
-        for r in range(runs):
-            sources[r] = f"{work}/{name}-msrc{r}"
-            subprocess.run(["cp", "-a", src, sources[r]], check=True)
+    sources = []
+    # Move sources are prepared up front, so that no timed run follows a creation (or a
+    # creation right after a deletion): every run is preceded by the same steps.
+    for r in range(runs):
+        sources.append(f"{work}/{name}-msrc{r}")
+        subprocess.run(["cp", "-a", src, sources[-1]], check=True)
     outputs: list[str] = []
     moved = False
     for r in range(runs):
@@ -125,10 +128,6 @@ def bench_dataset(
                 for path in outputs:
                     shutil.rmtree(path)
                 outputs.clear()
-                if tool == "mover move":
-                    sources[r] = f"{work}/{name}-msrc{r}"
-                    subprocess.run(["cp", "-a", src, sources[r]], check=True)
-                    outputs.append(sources[r])
             if tool == "cp -a":
                 out = f"{work}/{name}-cp{r}"
                 times[tool].append(timed(["cp", "-a", src, out]))
@@ -150,6 +149,12 @@ def bench_dataset(
                 if os.listdir(msrc) or tree_digest(out) != expected:
                     raise SystemExit(f"bench: mover move of {name} left files behind or differs")
             outputs.append(out)
+    # What deleting the sources costs with rm -rf (once, on a copy made for it): with cp -a + sync
+    # it makes the reference a durable move can be read against, the standard tools' way of moving.
+    doomed = f"{work}/{name}-rm"
+    subprocess.run(["cp", "-a", src, doomed], check=True)
+    t_rm = timed(["rm", "-rf", doomed])
+    times["cp -a + sync + rm -rf"] = [t + t_rm for t in times["cp -a + sync"]]
     if verbose:
         for tool, ts in times.items():
             print(f"  ({name}) {tool}: " + " ".join(f"{t:.2f}" for t in ts), flush=True)
