@@ -30,10 +30,11 @@ _EPILOG = (
     "  source are refused. Symlinks inside the source are copied as symlinks.\n"
     "\n"
     "integrity:\n"
-    "  each file is written to .<name>.iosea-tmp-<hex>, hashed (xxh3-128) as it streams, checked\n"
-    "  (lengths, source unchanged), then renamed into place; mode and mtime are kept. move deletes\n"
-    "  a source only once its copy is verified and the target filesystem synced to disk. Rerun the\n"
-    "  same command after an interruption to finish it.\n"
+    "  each file is written to .<name>.iosea-tmp-<hex>, hashed (xxh3-128; a large file is copied\n"
+    "  by the kernel, then hashed on both sides, which must agree), checked (lengths, source\n"
+    "  unchanged), then renamed into place; mode and mtime are kept. move deletes a source only\n"
+    "  once its copy is verified and the target filesystem synced to disk. Rerun the same command\n"
+    "  after an interruption to finish it.\n"
     "\n"
     "exit codes:\n" + "".join(f"  {code:<4} {text}\n" for code, text in EXIT_CODES.items())
 )
