@@ -223,10 +223,7 @@ def _kernel_copy(sfd: int, tfd: int, size: int, buf, add_bytes, stopping, writte
             written(tfd, total, n)
         total += n
         add_bytes(n)
-    if total != size:
-        raise CopyFailed(CHANGED)
-    if os.fstat(tfd).st_size != total:
-        raise CopyFailed("verification failed: the copy does not have the length written")
+    _check_complete(tfd, total, size)
     digest = dst_hash.digest()
     if src_hash.digest() != digest:
         raise CopyFailed("verification failed: the copy differs from the source (changed while copied?)")
@@ -285,11 +282,16 @@ def _stream(sfd: int, tfd: int, size: int, buf, add_bytes, stopping, written=Non
             written(tfd, total, n)
         total += n
         add_bytes(n)
+    _check_complete(tfd, total, size)
+    return h.digest()
+
+
+def _check_complete(tfd: int, total: int, size: int) -> None:
+    """Refuse a copy whose byte count is not the planned size, or whose temp file is not that long."""
     if total != size:
         raise CopyFailed(CHANGED)
     if os.fstat(tfd).st_size != total:
         raise CopyFailed("verification failed: the copy does not have the length written")
-    return h.digest()
 
 
 def _hash_fd(fd: int, buf, stopping=lambda: False) -> tuple[int, bytes]:
