@@ -8,7 +8,7 @@ Integrity argument
 * Each file is written to ``.<name>.iosea-tmp-<hex>`` in its target directory and renamed over its
   final name only when complete, so a reader (or a crash) never sees a partial file under a final
   name: rename(2) within one directory is atomic.
-* Small files (< 1 MiB) are read once; the bytes are hashed (xxh3-128) from the very buffer handed
+* Small files (< 64 KiB) are read once; the bytes are hashed (xxh3-128) from the very buffer handed
   to write(2), so the digest describes exactly what was written: one read of size+1 bytes (a short
   or long read means the file changed) and one write whose count must be the whole file. Large
   files are copied by the kernel (copy_file_range, else sendfile; through the buffer only where

@@ -57,7 +57,22 @@ def _check_copied(tmp_path, data: bytes, st, digest) -> None:
     assert os.listdir(tmp_path / "dst") == ["f"]  # no temp file left
 
 
-SIZES = [0, 1, 4095, BUF - 1, BUF, BUF + 1, 3 * BUF - 7, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 4097]
+KMIN = filecopy.KERNEL_COPY_MIN
+SIZES = [
+    0,
+    1,
+    4095,
+    KMIN - 1,
+    KMIN,
+    BUF - 1,
+    BUF,
+    BUF + 1,
+    3 * BUF - 7,
+    CHUNK - 1,
+    CHUNK,
+    CHUNK + 1,
+    2 * CHUNK + 4097,
+]
 
 
 @pytest.mark.parametrize("size", SIZES)
