@@ -143,8 +143,9 @@ def copy_file(
     size, mtime_ns, mode = planned
     sfd = os.open(name, _RD, dir_fd=sdir)
     try:
-        # Created with its final mode, so the usual case (no umask bit in it) needs no fchmod.
         small = size < min(KERNEL_COPY_MIN, len(buf))
+        # Created with its final mode, so the usual case (no umask bit in it) needs no fchmod;
+        # opened for reading too when the copy is to be mapped back and hashed.
         tfd = os.open(tmp, _WR if small else _WR_READ, mode, dir_fd=tdir)
         try:
             if small:
