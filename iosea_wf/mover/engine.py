@@ -26,11 +26,13 @@ Integrity argument
   journal before deleting a source it did not copy itself.
 * ``move`` deletes a source only after its copy was verified and renamed into place, and only after
   it checked (lstat) that the source still has the size and mtime it had when copied. A worker
-  deletes its verified sources when it has no more work (also when the run is cancelled), after
-  one ``syncfs`` of the target filesystem, so a moved file's data is on stable storage before its
-  source is gone: a kill -9 *or a node crash* at any moment leaves each file complete at the
-  source, at the target, or both. (The chunks of large files are handed to the disk as they
-  are copied, so that syncfs mostly waits for writes already under way.)
+  deletes its verified sources in batches, each after a ``syncfs`` of the target filesystem that
+  began after every copy of the batch was renamed into place, so a moved file's data is on stable
+  storage before its source is gone: a kill -9 *or a node crash* at any moment leaves each file
+  complete at the source, at the target, or both. A batch is deleted by a thread of the worker
+  as soon as it holds 64 MiB, while the worker copies on, or else when the worker has no more
+  work (also when the run is cancelled). (The chunks of large files are handed to the disk as
+  they are copied, so that syncfs mostly waits for writes already under way.)
 * Worker processes (forked, so they share the plan) ask the kernel to SIGKILL them when the parent
   dies (PR_SET_PDEATHSIG, plus a getppid() check for a parent that died before that took effect),
   so a kill -9 of the mover stops its workers too; each of their steps above is atomic or leaves
@@ -65,6 +67,7 @@ import ctypes
 import gc
 import mmap
 import os
+import queue
 import select
 import signal
 import stat
@@ -92,6 +95,7 @@ _BATCH_FILES = 256
 _BATCH_BYTES = 16 << 20
 _UNLINK_THREADS = 4  # per worker: unlinks that wait on the disk overlap (measured: 4 workers x 4 best)
 _UNLINK_MIN = 64  # fewer sources than this per thread are not worth a thread
+_DELETE_EARLY_BYTES = 64 << 20  # a worker deletes verified sources during its copies past this
 _PR_SET_PDEATHSIG = 1
 _SYNC_FILE_RANGE_WRITE = 2
 _STOP = 0  # slot of the shared stop flag; then (files, bytes, verified bytes) per worker
@@ -455,6 +459,9 @@ class _Worker:
         self.dir_error: OSError | None = None
         self.records: list[tuple[str, int, int, str]] = []
         self.to_delete: list[tuple[str, str, int | None, int]] = []  # (dir rel, name, size, mtime_ns)
+        self.delete_bytes = 0  # bytes of the sources in to_delete
+        self.deletions: queue.Queue = queue.Queue()  # lists handed to the deleter thread; None ends it
+        self.deleter: threading.Thread | None = None
 
     def stopping(self) -> bool:
         return bool(self.a[_STOP])
@@ -583,8 +590,39 @@ class _Worker:
         return ok
 
     def queue_delete(self, d: str, name: str, size: int | None, mtime_ns: int) -> None:
+        """Queue a verified source for deletion; hand the queue to the deleter once it holds enough bytes."""
         if self.move:
             self.to_delete.append((d, name, size, mtime_ns))
+            self.delete_bytes += size or 0
+            if self.delete_bytes >= _DELETE_EARLY_BYTES:
+                self.hand_off_deletions()
+
+    def hand_off_deletions(self) -> None:
+        """Pass the queued sources to this worker's deleter thread, started on first use."""
+        todo, self.to_delete, self.delete_bytes = self.to_delete, [], 0
+        if self.deleter is None:
+            self.deleter = threading.Thread(target=self._deleter_main, daemon=True)
+            self.deleter.start()
+        self.deletions.put(todo)
+
+    def _deleter_main(self) -> None:
+        """Delete what was handed off, merging what piled up meanwhile, until a None arrives."""
+        try:
+            last = False
+            while not last:
+                todo: list = []
+                item = self.deletions.get()
+                while item is not None:
+                    todo += item
+                    try:
+                        item = self.deletions.get_nowait()
+                    except queue.Empty:
+                        break
+                last = item is None
+                if todo:
+                    self.delete_now(todo)
+        except BaseException as e:  # a bug: what was not deleted stays at the source, and it is said
+            self.say("E", f"internal error while deleting sources: {e!r}")
 
     def flush_journal(self) -> None:
         if self.records:
@@ -597,18 +635,32 @@ class _Worker:
                     self.say("F", f"target full ({e.strerror}) while writing the journal; stopped")
 
     def delete_sources(self) -> None:
-        """Sync the target filesystem once, then unlink the queued sources that did not change since.
+        """Delete every source still queued, and wait until the deleter thread (if any) is done.
 
-        Called once, when the worker has no more work: every queued copy was renamed into place
-        before it was queued, so after ``syncfs`` it is on stable storage. Deleting only at the end
-        keeps deletions from slowing the creation of the copies (ext4 skips recently freed inodes
-        when it allocates new ones). The unlinks are spread over a few threads: an unlink can wait
-        on the disk (ext4 mounted with ``discard`` issues a synchronous discard per freed extent),
-        and such waits overlap.
+        Called once, when the worker has no more work (also when the run is being cancelled).
         """
-        if not self.to_delete:
+        if self.deleter is None:
+            todo, self.to_delete = self.to_delete, []
+            if todo:
+                self.delete_now(todo)
             return
-        todo, self.to_delete = self.to_delete, []
+        if self.to_delete:
+            self.hand_off_deletions()
+        self.deletions.put(None)
+        self.deleter.join()
+
+    def delete_now(self, todo: list) -> None:
+        """Sync the target filesystem, then unlink the sources of ``todo`` that did not change since.
+
+        Every queued copy was renamed into place before it was queued, so after ``syncfs`` it is on
+        stable storage. Sources wait in the queue until they hold ``_DELETE_EARLY_BYTES`` (large
+        files: deleting them while the next ones are copied hides the cost of freeing their pages
+        and blocks, and hands the copy recycled memory) or until the worker has no more work (many
+        small files: deleting them at the end keeps deletions from slowing the creation of the
+        copies, as ext4 skips recently freed inodes when it allocates new ones). The unlinks are
+        spread over a few threads: an unlink can wait on the disk (ext4 mounted with ``discard``
+        issues a synchronous discard per freed extent), and such waits overlap.
+        """
         self.run.libc.sync_fs(self.run.target_fd)  # every queued copy is now on stable storage
         step = max(-(-len(todo) // _UNLINK_THREADS), _UNLINK_MIN)
         parts = [todo[k : k + step] for k in range(0, len(todo), step)]

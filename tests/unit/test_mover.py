@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import pytest
+import xxhash
 
 from iosea_wf.mover import engine
 from iosea_wf.mover.errors import MoverUsageError, NothingMatched, SourceMissing
@@ -220,7 +221,18 @@ def test_move_rerun_verifies_file_present_on_both_sides(tmp_path):
     assert res.bytes_copied == 5000
 
 
-def test_move_killed_at_random_moments_loses_nothing_and_rerun_completes(tmp_path):
+# The mover with every verified source handed to its deleter thread at once (as large files are),
+# instead of deleted when the worker has no more work: the kill -9 trials cover both paths.
+EARLY_DELETING_MOVER = [
+    sys.executable,
+    "-c",
+    "import sys; from iosea_wf.mover import engine, cli; "
+    "engine._DELETE_EARLY_BYTES = 1; sys.exit(cli.main())",
+]
+
+
+@pytest.mark.parametrize("mover", [[MOVER], EARLY_DELETING_MOVER], ids=["delete-at-end", "delete-early"])
+def test_move_killed_at_random_moments_loses_nothing_and_rerun_completes(tmp_path, mover):
     pristine = str(tmp_path / "pristine")
     make_tree(pristine, n_small=300, big_sizes=(2 * MB, 3 * MB, 1 * MB + 7), seed=7)
     os.symlink("d0/e0/f0001.bin", os.path.join(pristine, "data/link"))
@@ -229,7 +241,7 @@ def test_move_killed_at_random_moments_loses_nothing_and_rerun_completes(tmp_pat
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     shutil.copytree(pristine, src, symlinks=True)
     t0 = time.monotonic()
-    assert run_mover("move", "--source", src, "--target", dst, "*").returncode == 0
+    assert subprocess.run([*mover, "move", "--source", src, "--target", dst, "*"]).returncode == 0
     duration = time.monotonic() - t0
     killed_mid_run = 0
     for trial in range(20):
@@ -237,7 +249,7 @@ def test_move_killed_at_random_moments_loses_nothing_and_rerun_completes(tmp_pat
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(pristine, src, symlinks=True)
         proc = subprocess.Popen(
-            [MOVER, "move", "--source", src, "--target", dst, "*"], stderr=subprocess.DEVNULL
+            [*mover, "move", "--source", src, "--target", dst, "*"], stderr=subprocess.DEVNULL
         )
         time.sleep(rng.uniform(0.0, duration))
         proc.kill()
@@ -254,6 +266,42 @@ def test_move_killed_at_random_moments_loses_nothing_and_rerun_completes(tmp_pat
         assert digests(dst) == expected and os.listdir(src) == []
         assert leftovers(dst) == [] and leftovers(src) == []
     assert killed_mid_run >= 10  # most kills must land while the mover is running
+
+
+def test_move_deleting_early_removes_a_source_only_once_its_copy_is_in_place(tmp_path, monkeypatch):
+    """With a tiny early-deletion threshold, sources go while the copies go on, never before theirs."""
+    src, dst, log = str(tmp_path / "src"), str(tmp_path / "dst"), str(tmp_path / "deletions.log")
+    make_tree(src, n_small=200, big_sizes=(3 * MB, 2 * MB, 1 * MB + 3), seed=3)
+    expected = digests(src)
+    real_delete_now = engine._Worker.delete_now
+
+    def checked_delete_now(self, todo):
+        # Runs in the forked workers: one line per call, listing any source whose copy is not in
+        # place with the same bytes at the moment it is about to be deleted.
+        bad = []
+        for d, name, _size, _mtime in todo:
+            rel = f"{d}/{name}" if d else name
+            try:
+                with open(os.path.join(dst, rel), "rb") as f:
+                    in_place = xxhash.xxh3_128_digest(f.read()) == expected[rel]
+            except OSError:
+                in_place = False
+            if not in_place:
+                bad.append(rel)
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {len(todo)} {' '.join(bad)}\n")
+        real_delete_now(self, todo)
+
+    monkeypatch.setattr(engine, "_DELETE_EARLY_BYTES", 1)
+    monkeypatch.setattr(engine._Worker, "delete_now", checked_delete_now)
+    res = engine.transfer("move", src, dst, ["*"], workers=2)
+    assert res.exit_code == 0
+    assert digests(dst) == expected and os.listdir(src) == []
+    with open(log) as f:
+        calls = [line.split(" ", 2) for line in f.read().splitlines()]
+    assert all(bad.strip() == "" for _pid, _n, bad in calls), calls
+    assert sum(int(n) for _pid, n, _bad in calls) == len(expected)
+    assert len(calls) > 2, "sources were deleted only when the workers ran out of work"
 
 
 def _state(pid: int) -> str | None:
