@@ -38,10 +38,11 @@ Integrity argument
   so a kill -9 of the mover stops its workers too; each of their steps above is atomic or leaves
   only a temp file. They ignore SIGTERM/SIGINT: the parent relays a cancellation through a shared
   stop flag that they poll per file and per chunk, so a cancelled run removes its in-flight temp
-  files, deletes (move) only what was verified, and exits 143/130. A worker that dies anyway (a
-  bug, or SIGBUS: a large source cut by someone else in the instant between the check of its
-  size and the hash of a chunk just copied) is reported by the parent, and the run fails; its
-  temp file is removed by the rerun, and nothing was deleted that was not verified.
+  files, deletes (move) only what was verified, and exits 143/130. A source is mapped only
+  under a read lease, so another process cannot cut it under the mapping (which would kill the
+  worker with SIGBUS): it waits for the lease, one chunk at most (see ``filecopy._Lease``). A
+  worker that dies anyway (a bug) is reported by the parent, and the run fails; its temp file is
+  removed by the rerun, and nothing was deleted that was not verified.
 * Resuming: stale temp files in the target directories are removed first. An element already at the
   target with the source's size and mtime is verified rather than copied again: when the journal
   (:mod:`iosea_wf.mover.journal`, one append per batch of files by each worker) recorded it, for

@@ -7,6 +7,9 @@ import ctypes
 import errno
 import mmap
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import xxhash
@@ -154,8 +157,13 @@ def test_hash_by_reading_where_files_cannot_be_mapped(tmp_path, monkeypatch):
 
 
 def test_source_rewritten_in_place_during_the_copy_is_refused(tmp_path, monkeypatch):
-    """Same size, same mtime afterwards: only the comparison of the two digests can see it."""
+    """Same size, same mtime afterwards: only the comparison of the two digests can see it.
+
+    (Done in this process between the copy of a chunk and its hash, so without a lease: under one,
+    a writer elsewhere waits until the chunk is hashed, and the copy is then of the bytes before.)
+    """
     path = tmp_path / "src" / "f"
+    monkeypatch.setattr(filecopy._Lease, "take", classmethod(lambda cls, fd: False))
     real = os.copy_file_range
 
     def copy_then_rewrite(src, dst, count, *offsets):
@@ -172,17 +180,75 @@ def test_source_rewritten_in_place_during_the_copy_is_refused(tmp_path, monkeypa
     assert os.listdir(tmp_path / "dst") == []
 
 
-def test_source_cut_between_the_copy_and_its_hash_is_refused_not_fatal(tmp_path, monkeypatch):
-    """The bytes just copied are gone from the source: mapping them would raise SIGBUS."""
+def _another_process(code: str) -> subprocess.Popen:
+    """Start a process that runs ``code``; return once it ran or waits on the copier's lease.
+
+    Leases only hold off other open files, as in a real run: a writer elsewhere on the node.
+    """
+    other = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 20
+    while other.poll() is None and not filecopy._Lease.broken:
+        assert time.monotonic() < deadline, "the other process neither ran nor waited on the lease"
+        time.sleep(0.005)
+    return other
+
+
+def _cut_by_another_process(path, size: int) -> subprocess.Popen:
+    return _another_process(f"import os; os.truncate({str(path)!r}, {size})")
+
+
+def test_a_process_cutting_a_mapped_source_waits_for_the_chunk_then_the_copy_is_refused(
+    tmp_path, monkeypatch
+):
+    """Mapping a source that another process cuts would kill the copier (SIGBUS): the read lease
+    makes the cutter wait while the chunk in hand is hashed, then lets it in; the copy is refused."""
     path = tmp_path / "src" / "f"
     real = os.copy_file_range
+    seen = {}
 
-    def copy_then_cut(src, dst, count, *offsets):
-        n = real(src, dst, count, *offsets)
-        os.truncate(path, 4096)
-        return n
+    def copy_while_cut(src, dst, count, *offsets):
+        if "cutter" not in seen:  # first chunk: the cutter comes in now, before its hash
+            n = real(src, dst, count, *offsets)
+            seen["cutter"] = cutter = _cut_by_another_process(path, 4096)
+            seen["held off"] = cutter.poll() is None and os.stat(path).st_size == 3 * CHUNK
+            return n
+        if "released" not in seen:  # next chunk: the lease was let go after the first one's hash
+            t0 = time.monotonic()
+            seen["cutter"].wait(timeout=20)
+            seen["released"] = time.monotonic() - t0
+        return real(src, dst, count, *offsets)
 
-    monkeypatch.setattr(os, "copy_file_range", copy_then_cut)
+    monkeypatch.setattr(os, "copy_file_range", copy_while_cut)
+    with pytest.raises(filecopy.CopyFailed, match="changed since"):
+        _copy(tmp_path, os.urandom(3 * CHUNK))
+    assert seen["held off"], "the cutter was not held off by a lease while the chunk was mapped"
+    assert seen["released"] < 10  # released after one chunk, not at the 45 s lease-break timeout
+    assert os.listdir(tmp_path / "dst") == [] and os.stat(path).st_size == 4096
+
+
+@pytest.mark.parametrize("when", ["after the copy", "after the size check"])
+def test_without_a_lease_a_source_cut_before_its_hash_is_refused_not_fatal(tmp_path, monkeypatch, when):
+    """No lease (another user's file, a filesystem without leases): the source is read, not
+    mapped, so a cut even after the size check reads short and is refused instead of faulting."""
+    path = tmp_path / "src" / "f"
+    monkeypatch.setattr(filecopy._Lease, "take", classmethod(lambda cls, fd: False))
+    if when == "after the copy":
+        real = os.copy_file_range
+
+        def copy_then_cut(src, dst, count, *offsets):
+            n = real(src, dst, count, *offsets)
+            os.truncate(path, 4096)
+            return n
+
+        monkeypatch.setattr(os, "copy_file_range", copy_then_cut)
+    else:
+        real = filecopy._hash_read
+
+        def cut_then_hash(fd, *args):
+            os.truncate(path, 4096)
+            return real(fd, *args)
+
+        monkeypatch.setattr(filecopy, "_hash_read", cut_then_hash)
     with pytest.raises(filecopy.CopyFailed, match="changed since"):
         _copy(tmp_path, os.urandom(3 * BUF))
     assert os.listdir(tmp_path / "dst") == []
@@ -207,10 +273,9 @@ def test_source_changing_while_streamed_is_refused(tmp_path, change):
         calls.append(n)
         if len(calls) == 1:  # after the first chunk
             if change == "grow":
-                with open(path, "ab") as f:
-                    f.write(b"x" * 10)
+                _another_process(f"open({str(path)!r}, 'ab').write(b'x' * 10)")
             else:
-                os.truncate(path, CHUNK + 10)
+                _cut_by_another_process(path, CHUNK + 10)
 
     with pytest.raises(filecopy.CopyFailed, match="changed since"):
         _copy(tmp_path, os.urandom(3 * CHUNK), on_bytes=on_bytes)
