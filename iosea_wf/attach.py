@@ -4,8 +4,23 @@ The local site attaches services by bind-mounting each service's namespace at it
 in a private mount namespace of the job (read-only for ``RO``), since this kernel has no NFS
 client. A generated batch script runs::
 
-    unshare --mount --propagation private -- python -m iosea_wf.attach \
-        --bind NAMESPACE:MOUNTPOINT:ro ... -- COMMAND ARGS...
+    python -m iosea_wf.attach --bind NAMESPACE:MOUNTPOINT:ro ... -- COMMAND ARGS...
+
+Run as root, it makes a private mount namespace (``unshare(CLONE_NEWNS)``), mounts, and runs the
+command. Run as any other user (every real user's job) it makes a user namespace with a mount
+namespace in which the user is root (uid 0 maps to the user's uid, nothing else is mapped), mounts
+there, then enters a nested user namespace that maps the user's own uid and gid back, so the
+command sees ``id -u`` as the user and the files it writes are the user's. In that nested
+namespace the command has no capability over the mounts: it cannot unmount or remount an ``RO``
+service read-write. Supplementary groups are not kept (the kernel allows no mapping for them).
+
+A mountpoint that does not exist is created; where its missing part cannot be created (e.g.
+``/mnt/x`` for a user who cannot write ``/mnt``), a tmpfs is mounted over the nearest existing
+ancestor inside the job's namespace only, and every entry the ancestor had is bound back onto
+that tmpfs, so the job still sees (and reaches, with its usual rights) what the ancestor holds.
+Limits of that case: the ancestor itself appears as the user's tmpfs (its mode is copied, not its
+owner), entries others create in it during the job are not seen, and ``/`` is never covered. The
+user must be able to list the ancestor.
 
 How a site attaches is its ``iosea_service_attach`` setting (``bind`` or ``env``), not code here.
 """
@@ -13,17 +28,142 @@ How a site attaches is its ``iosea_service_attach`` setting (``bind`` or ``env``
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import os
-import subprocess
 import sys
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_RELATIME = 0x200000
+# statvfs f_flag bits -> the mount flags a remount inside a user namespace must keep (the kernel
+# refuses to clear flags that a more privileged namespace set: they are "locked").
+_KEPT_FLAGS = {
+    os.ST_NOSUID: MS_NOSUID,
+    os.ST_NODEV: MS_NODEV,
+    os.ST_NOEXEC: MS_NOEXEC,
+    os.ST_NOATIME: MS_NOATIME,
+    os.ST_NODIRATIME: MS_NODIRATIME,
+    os.ST_RELATIME: MS_RELATIME,
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class AttachError(Exception):
+    """Raised when a service cannot be attached inside the job (the job then fails)."""
+
+
+def _call(rc: int, what: str) -> None:
+    if rc != 0:
+        raise AttachError(f"{what}: {os.strerror(ctypes.get_errno())}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = [None if v is None else os.fsencode(v) for v in (source, target, fstype, data)]
+    _call(_libc.mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3]), f"mount {target}")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+def _enter_namespaces() -> tuple[int, int] | None:
+    """A private mount namespace (and, for a non-root user, a user namespace it is root in).
+
+    Returns the (uid, gid) to map back to before running the command, None for root.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    if os.geteuid() == 0:
+        _call(_libc.unshare(CLONE_NEWNS), "unshare the mount namespace")
+        back = None
+    else:
+        _call(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare user and mount namespaces")
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"0 {uid} 1")
+        _write("/proc/self/gid_map", f"0 {gid} 1")
+        back = (uid, gid)
+    # Nothing mounted here may reach the parent namespace.
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    return back
+
+
+def _map_back(uid: int, gid: int) -> None:
+    """Enter a nested user namespace where this process is the user again (uid, gid)."""
+    _call(_libc.unshare(CLONE_NEWUSER), "unshare the nested user namespace")
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} 0 1")
+    _write("/proc/self/gid_map", f"{gid} 0 1")
+
+
+def _cover_keeping_entries(ancestor: str) -> None:
+    """Mount a tmpfs over ``ancestor`` and bind each of its former entries back onto it."""
+    try:
+        names = os.listdir(ancestor)
+        mode = os.stat(ancestor).st_mode & 0o7777
+    except OSError as exc:
+        raise AttachError(f"cannot list {ancestor} to cover it: {exc.strerror}") from None
+    # The covered directory stays reachable through this descriptor (/proc/self/fd/N/...).
+    fd = os.open(ancestor, os.O_PATH | os.O_DIRECTORY)
+    try:
+        _mount("tmpfs", ancestor, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode:o}")
+        for name in names:
+            source = f"/proc/self/fd/{fd}/{name}"
+            target = os.path.join(ancestor, name)
+            if os.path.islink(source):
+                os.symlink(os.readlink(source), target)
+                continue
+            if os.path.isdir(source):
+                os.mkdir(target)
+            else:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            _mount(source, target, None, MS_BIND | MS_REC)
+    finally:
+        os.close(fd)
+
+
+def _prepare_mountpoint(target: str) -> None:
+    if os.path.isdir(target):
+        return
+    if os.path.lexists(target):
+        raise AttachError(f"{target} exists and is not a directory")
+    try:
+        os.makedirs(target)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise AttachError(f"cannot create {target}: {exc.strerror}") from None
+    ancestor = os.path.dirname(target)
+    while not os.path.isdir(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if ancestor == "/":
+        raise AttachError(f"cannot create {target}, and / is never covered")
+    _cover_keeping_entries(ancestor)
+    os.makedirs(target)
 
 
 def _bind(source: str, target: str, mode: str) -> None:
-    os.makedirs(target, exist_ok=True)
-    subprocess.run(["mount", "--bind", source, target], check=True)
+    _prepare_mountpoint(target)
+    _mount(source, target, None, MS_BIND | MS_REC)
     if mode == "ro":
-        # A bind mount only becomes read-only through a remount.
-        subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
+        # A bind mount only becomes read-only through a remount, which must keep locked flags.
+        kept = os.statvfs(target).f_flag
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for bit, flag in _KEPT_FLAGS.items():
+            if kept & bit:
+                flags |= flag
+        _mount(None, target, None, flags)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,12 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         print("iosea_wf.attach: no command to run", file=sys.stderr)
         return 2
-    for spec in args.bind:
-        source, target, mode = spec.rsplit(":", 2)
+    binds = [spec.rsplit(":", 2) for spec in args.bind]
+    try:
+        back = _enter_namespaces() if binds else None
+    except (OSError, AttachError) as exc:
+        print(f"iosea_wf.attach: cannot make the job's namespaces: {exc}", file=sys.stderr)
+        return 1
+    for source, target, mode in binds:
         try:
             _bind(source, target, mode)
-        except (OSError, subprocess.CalledProcessError) as exc:
+        except (OSError, AttachError) as exc:
             print(f"iosea_wf.attach: cannot attach {source} at {target}: {exc}", file=sys.stderr)
+            return 1
+    if back is not None:
+        try:
+            _map_back(*back)
+        except (OSError, AttachError) as exc:
+            print(f"iosea_wf.attach: cannot map the job back to its user: {exc}", file=sys.stderr)
             return 1
     os.execvp(command[0], command)
     return 127  # not reached

@@ -44,6 +44,8 @@ class Context:
     state_dir: str | None = None
     user: str = field(default_factory=current_user)
     verbose: bool = False
+    # The caller's Slurm token (scontrol token) for work done on their behalf: never logged or stored.
+    slurm_jwt: str | None = field(default=None, repr=False)
     _site: Site | None = None
     _store: st.Store | None = None
 
@@ -474,7 +476,7 @@ def stop(
             if force and set(active) - cancelled:
                 ids = sorted(set(active) - cancelled)
                 progress(f"session {record['name']}: cancelling {len(ids)} job(s): {' '.join(ids)}")
-                slurm.cancel(ids)
+                slurm.cancel(ids, user=ctx.user, token=ctx.slurm_jwt)
                 cancelled.update(ids)
             waiting = active + [f"access (pid {a['pid']})" for a in steps.starting_accesses(record)]
             if not waiting:

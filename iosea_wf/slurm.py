@@ -4,15 +4,27 @@ Commands are argument lists, never shell strings. Job states come from Slurm and
 Slurm names them; a job that left ``squeue`` is looked up in the job-completion log (``sacct -c``)
 and is never assumed to have succeeded. One :func:`job_states` call makes at most two Slurm calls,
 whatever the number of jobs.
+
+Acting for another user: a process running as root on behalf of a user (the Workflow Manager
+service) submits and cancels that user's jobs only with the user's own Slurm token (``scontrol
+token``, auth/jwt): :func:`acting_for` says whether that is the case and refuses when the token is
+missing. The token reaches ``sbatch``/``scancel`` through their environment (``SLURM_JWT``), never
+their argument list (visible in ``ps``), and is never logged or kept: :func:`token_file` hands it
+to the orchestrator in a 0600 file on a memory file system that its reader removes at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pwd
 import shutil
 import subprocess
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
-from .errors import SlurmError
+from .errors import SlurmError, UsageError
 
 PENDING_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
 RUNNING_STATES = {"RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESIZING"}
@@ -55,11 +67,13 @@ class JobState:
         return self.state in PENDING_STATES or self.state in RUNNING_STATES
 
 
-def _run(argv: list[str], *, check: bool = True, timeout: float = _TIMEOUT) -> subprocess.CompletedProcess:
+def _run(
+    argv: list[str], *, check: bool = True, timeout: float = _TIMEOUT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     if shutil.which(argv[0]) is None:
         raise SlurmError(f"{argv[0]} is not installed here: is this a Slurm client host?")
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise SlurmError(f"{argv[0]} did not answer within {timeout:.0f}s: is slurmctld running?") from None
     if check and proc.returncode != 0:
@@ -133,11 +147,95 @@ def job_states(job_ids: list[str]) -> dict[str, JobState]:
     return found
 
 
-def cancel(job_ids: list[str]) -> None:
-    """Cancel jobs in one batched ``scancel`` (jobs already ended are ignored)."""
+@dataclass(frozen=True)
+class OnBehalf:
+    """A user this (root) process acts for, with that user's Slurm token (never shown in a repr)."""
+
+    user: str
+    uid: int
+    gid: int
+    home: str
+    token: str = field(repr=False)
+
+    def sbatch_options(self) -> list[str]:
+        """Options that make root's ``sbatch`` submit the job as the user.
+
+        ``--export=NONE``: the job gets the user's own login environment on the node, not the
+        service's (its HOME, PATH, ... would be root's).
+        """
+        return [f"--uid={self.uid}", f"--gid={self.gid}", "--export=NONE"]
+
+    def environ(self) -> dict[str, str]:
+        """This process's environment plus the token, for a Slurm command run for the user."""
+        return {**os.environ, "SLURM_JWT": self.token}
+
+
+def _process_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid{os.geteuid()}"
+
+
+def acting_for(user: str, token: str | None) -> OnBehalf | None:
+    """None when this process runs as ``user``; else whom root acts for (refused without a token)."""
+    if user == _process_user():
+        return None
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise UsageError(f"user {user!r} is unknown on this host: no job can run as them") from None
+    if pw.pw_uid == os.geteuid():
+        return None
+    if os.geteuid() != 0:
+        raise SlurmError(
+            f"this process runs as {_process_user()}, not root: it cannot submit or cancel jobs for {user}"
+        )
+    if not token:
+        raise SlurmError(
+            f"no Slurm token of user {user} came with the request: nothing is submitted or cancelled "
+            "for them (the CLI gets one with `scontrol token` run as the user)"
+        )
+    return OnBehalf(user=user, uid=pw.pw_uid, gid=pw.pw_gid, home=pw.pw_dir, token=token)
+
+
+@contextlib.contextmanager
+def token_file(on_behalf: OnBehalf | None) -> Iterator[str]:
+    """A 0600 file holding the token (``""`` without one), on a memory file system, removed afterwards.
+
+    Why a file: ansible-runner writes its whole environment (``artifacts/*/command``,
+    ``env/envvars``) and its extra variables to disk, so the token can go through neither; its
+    reader (the slurm_job role's action plugin) removes the file as soon as it has read it.
+    """
+    if on_behalf is None:
+        yield ""
+        return
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    directory = tempfile.mkdtemp(prefix="iosea-wf-jwt-", dir=base)  # 0700
+    path = os.path.join(directory, "token")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(on_behalf.token)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
+def cancel(job_ids: list[str], *, user: str | None = None, token: str | None = None) -> None:
+    """Cancel jobs in one batched ``scancel`` (jobs already ended are ignored).
+
+    With ``user`` (the jobs' owner) and a root process acting for them, ``scancel`` runs with the
+    user's ``token``, so Slurm cancels as that user; without the token it is refused.
+    """
     ids = [str(j) for j in job_ids if j]
     if ids:
-        proc = _run(["scancel", *ids], check=False)
+        who = acting_for(user, token) if user else None
+        env = who.environ() if who else None
+        proc = _run(["scancel", *ids], check=False, env=env)
         if (
             proc.returncode != 0
             and "Invalid job id" not in proc.stderr

@@ -23,9 +23,20 @@ SKIPPED = "SKIPPED"
 NEVER_RUNS_REASONS = {"DependencyNeverSatisfied"}
 
 
-def _instance_dir(state_dir: Path, session: dict[str, Any], step: str, instance: int) -> Path:
+def _instance_dir(
+    state_dir: Path, session: dict[str, Any], step: str, instance: int, who: slurm.OnBehalf | None = None
+) -> Path:
     d = state_dir / "jobs" / session["id"] / f"{step}.{instance}"
     d.mkdir(parents=True, exist_ok=True)
+    if who is not None:
+        # The jobs run as the user and write their output and progress files here: the parents
+        # (the state directory included) must let the user through, never list or read them.
+        for parent in (d.parent, d.parent.parent, Path(state_dir)):
+            mode = parent.stat().st_mode & 0o7777
+            if mode & 0o011 != 0o011:
+                parent.chmod(mode | 0o011)
+        os.chown(d, who.uid, who.gid)
+        d.chmod(0o700)
     return d
 
 
@@ -40,8 +51,14 @@ def _attached_services(session: dict[str, Any], step_def) -> list[dict[str, Any]
     return attached
 
 
-def plan_run(ctx, session: dict[str, Any], step: str, cwd: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Write the job scripts of a new instance of ``step``; return (instance record, pipeline)."""
+def plan_run(
+    ctx, session: dict[str, Any], step: str, cwd: str, who: slurm.OnBehalf | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write the job scripts of a new instance of ``step``; return (instance record, pipeline).
+
+    ``who``: the user root submits for (their jobs get ``--uid/--gid`` and the user's own
+    environment; see :func:`slurm.acting_for`), None when this process is the user.
+    """
     from .wdf import Workflow
 
     wdf = Workflow.from_dict(session["wdf"])
@@ -53,19 +70,24 @@ def plan_run(ctx, session: dict[str, Any], step: str, cwd: str) -> tuple[dict[st
         )
     site = ctx.site_of(session)
     instance = 1 + max((s["instance"] for s in session.get("steps", []) if s["name"] == step), default=0)
-    workdir = _instance_dir(ctx.store.state_dir, session, step, instance)
+    workdir = _instance_dir(ctx.store.state_dir, session, step, instance, who)
     base = f"iosea.{session['name']}.{step}.{instance}"
     attached = _attached_services(session, step_def)
     attach_mode = site.variables.get("iosea_service_attach", "env")
 
     movers: list[dict[str, Any]] = []
-    pipeline: dict[str, Any] = {"cwd": cwd, "start_movers": [], "stop_movers": []}
+    pipeline: dict[str, Any] = {"cwd": cwd, "start_movers": [], "stop_movers": [], "user_dirs": []}
     for svc in attached:
         for dm_name in svc["datamovers"]:
             dm = wdf.datamovers[dm_name]
             tier = site.tiers[dm.target]
             tool = list(site.mover_tools[tier.tool].command)
-            target = os.path.join(tier.path, session["owner"], session["name"], svc["name"])
+            # Each tier has a 0700 directory per user (made by the orchestrator before
+            # submission): the movers, which run as the user, write only under it.
+            user_dir = os.path.join(tier.path, session["owner"])
+            if all(d["path"] != user_dir for d in pipeline["user_dirs"]):
+                pipeline["user_dirs"].append({"path": user_dir, "user": session["owner"]})
+            target = os.path.join(user_dir, session["name"], svc["name"])
             label = f"{dm_name}.{svc['name']}"
             script = workdir / f"mover.{label}.sh"
             progress = workdir / f"mover.{label}.progress.json" if tier.tool == "builtin" else None
@@ -119,6 +141,10 @@ def plan_run(ctx, session: dict[str, Any], step: str, cwd: str) -> tuple[dict[st
             options, partition=site.modules[module].partition, job_name=base, cwd=cwd, script=script
         ),
     }
+    if who is not None:
+        # Right after "sbatch": the WDF's own options (e.g. --export) come later and win.
+        for entry in [pipeline["step"], *pipeline["start_movers"], *pipeline["stop_movers"]]:
+            entry["argv"][1:1] = who.sbatch_options()
     record = {
         "name": step,
         "instance": instance,
@@ -141,16 +167,22 @@ def submit(ctx, session: dict[str, Any], step: str, cwd: str | None = None) -> d
         raise SessionConflict(
             f"session {session['name']!r} is {session['state']}, not ACTIVE: cannot run a step"
         )
-    record, pipeline = plan_run(ctx, session, step, cwd or os.getcwd())
+    # Refused here, before anything is written, when root acts for a user without their token.
+    who = slurm.acting_for(ctx.user, ctx.slurm_jwt)
+    record, pipeline = plan_run(ctx, session, step, cwd or os.getcwd(), who)
     ident = f"{session['name']}-run-{step}-{record['instance']}-{int(time.time())}"
-    result = run_playbook(
-        "step_submit",
-        site_path=Path(session["site"]),
-        state_dir=ctx.store.state_dir,
-        ident=ident,
-        extravars={"iosea_pipeline": pipeline},
-        verbose=ctx.verbose,
-    )
+    with slurm.token_file(who) as token_file:
+        extravars: dict[str, Any] = {"iosea_pipeline": pipeline}
+        if token_file:
+            extravars["iosea_token_file"] = token_file
+        result = run_playbook(
+            "step_submit",
+            site_path=Path(session["site"]),
+            state_dir=ctx.store.state_dir,
+            ident=ident,
+            extravars=extravars,
+            verbose=ctx.verbose,
+        )
     ids = next((h.results for h in result.hosts.values() if h.results.get("step")), None)
     if not result.ok or not ids:
         msg = "; ".join(h.message for h in result.hosts.values() if not h.ok) or "no job id reported"
@@ -366,5 +398,5 @@ def cancel(ctx, session: dict[str, Any], step: str | None = None, instance: int 
         current = dict(tx.sessions.get(st.Query().id == session["id"]))
         current["steps"] = session["steps"]
         tx.put_session(current)
-    slurm.cancel(ids)
+    slurm.cancel(ids, user=ctx.user, token=ctx.slurm_jwt)
     return ids

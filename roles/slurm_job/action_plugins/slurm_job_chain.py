@@ -15,26 +15,89 @@ batch script (``--dependency`` is inserted before it: after it, sbatch would pas
 script). Returns ``job_ids``: ``{start_movers: [...], step: ID, stop_movers: [...]}``. When an
 ``sbatch`` is refused, what was already submitted is cancelled and the task fails with sbatch's
 own message.
+
+``pipeline.user_dirs`` (``[{path, user}]``): directories (a storage tier's directory of the user)
+made before anything is submitted: created 0700 and given to the user when missing, never
+through a symlink, and checked to be a 0700 directory of that user (else nothing is submitted).
+
+``token_file`` (optional): a file on this (the Ansible controller's) side holding the Slurm token
+of the user the jobs are submitted for. It is read and removed at once; the token then travels
+to each ``sbatch``/``scancel`` on its standard input and into its environment as ``SLURM_JWT``,
+never on a command line, and is never part of the result.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 
 from ansible.plugins.action import ActionBase
+
+# Reads the token from stdin into the environment of the command that follows (not its argv).
+_WITH_TOKEN = "IFS= read -r SLURM_JWT && export SLURM_JWT && "
+
+# Arguments: pairs of (directory, user). mkdir is atomic, so a directory this shell created is
+# changed (chown -h) before anyone else can touch it (a tier is sticky, like /tmp). One that
+# existed is only re-moded by its owner's own rights (setpriv), so a symlink planted in its place
+# can never make root change another file.
+_USER_DIRS = r"""
+me=$(id -un)
+while [ $# -ge 2 ]; do
+  d=$1; u=$2; shift 2
+  if mkdir -m 700 -- "$d" 2>/dev/null && [ "$me" != "$u" ]; then
+    chown -h -- "$u:" "$d" || exit 1
+  fi
+  found=$(stat -c '%F|%U|%a' -- "$d" 2>&1) || { echo "cannot create $d: $found" >&2; exit 1; }
+  if [ "$found" = "directory|$u|${found##*|}" ] && [ "${found##*|}" != 700 ]; then
+    if [ "$me" = "$u" ]; then chmod 700 -- "$d"
+    else setpriv --reuid="$u" --regid="$(id -g -- "$u")" --clear-groups chmod 700 -- "$d"; fi
+    found=$(stat -c '%F|%U|%a' -- "$d")
+  fi
+  [ "$found" = "directory|$u|700" ] || {
+    echo "$d must be a directory of $u with mode 0700, found: $found" >&2; exit 1; }
+done
+"""
 
 
 class SubmissionRefused(Exception):
     """sbatch (or the connection) refused one job of the chain."""
 
 
+def _read_token(path: str) -> str:
+    """The token in ``path``; the file is removed whatever happens."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read().strip()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
-    _VALID_ARGS = frozenset(("pipeline",))
+    _VALID_ARGS = frozenset(("pipeline", "token_file"))
+    _token = ""
 
     def _sh(self, argv: list[str], cwd: str) -> dict:
         command = f"cd {shlex.quote(cwd)} && {shlex.join(argv)}"
-        return self._low_level_execute_command(command, sudoable=False)
+        if not self._token:
+            return self._low_level_execute_command(command, sudoable=False)
+        return self._low_level_execute_command(
+            _WITH_TOKEN + command, sudoable=False, in_data=(self._token + "\n").encode()
+        )
+
+    def _user_dirs(self, dirs: list[dict]) -> str | None:
+        """Make each user directory; return what went wrong, or None."""
+        if not dirs:
+            return None
+        words = [w for d in dirs for w in (str(d["path"]), str(d["user"]))]
+        out = self._low_level_execute_command(shlex.join(["sh", "-c", _USER_DIRS, "user-dirs", *words]))
+        if out.get("rc") != 0:
+            return (out.get("stderr") or out.get("stdout") or f"rc={out.get('rc')}").strip()
+        return None
 
     def _sbatch(self, argv: list[str], cwd: str, dependency: list[str]) -> str:
         words = [str(w) for w in argv]
@@ -50,6 +113,11 @@ class ActionModule(ActionBase):
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
         del tmp
+        try:
+            self._token = _read_token(str(self._task.args.get("token_file") or ""))
+        except OSError as exc:
+            result.update(failed=True, msg=f"cannot read the user's Slurm token: {exc.strerror}")
+            return result
         pipeline = self._task.args.get("pipeline") or {}
         step = pipeline.get("step") or {}
         argv = step.get("argv") or []
@@ -62,6 +130,10 @@ class ActionModule(ActionBase):
             return result
         if self._task.check_mode:
             result.update(skipped=True, msg="not submitted in check mode")
+            return result
+        problem = self._user_dirs(pipeline.get("user_dirs") or [])
+        if problem:
+            result.update(failed=True, msg=f"nothing submitted: {problem}")
             return result
 
         submitted: list[str] = []
