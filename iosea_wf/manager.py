@@ -467,6 +467,8 @@ def stop(
         if end_orphaned_run(ctx.store.state_dir, record["start_run"]):
             progress(f"session {record['name']}: ended the provisioning its dead start left running")
     if steps.active_jobs(record) or steps.starting_accesses(record):
+        # Cancelling for another user needs their token: refused before the session changes.
+        who = slurm.acting_for(ctx.user, ctx.slurm_jwt) if force else None
         record = ctx.store.update_session(record["id"], state=st.STOPPING)
         said, cancelled = None, set()
         while True:
@@ -476,7 +478,7 @@ def stop(
             if force and set(active) - cancelled:
                 ids = sorted(set(active) - cancelled)
                 progress(f"session {record['name']}: cancelling {len(ids)} job(s): {' '.join(ids)}")
-                slurm.cancel(ids, user=ctx.user, token=ctx.slurm_jwt)
+                slurm.cancel(ids, who)
                 cancelled.update(ids)
             waiting = active + [f"access (pid {a['pid']})" for a in steps.starting_accesses(record)]
             if not waiting:

@@ -225,16 +225,15 @@ def token_file(on_behalf: OnBehalf | None) -> Iterator[str]:
             os.rmdir(directory)
 
 
-def cancel(job_ids: list[str], *, user: str | None = None, token: str | None = None) -> None:
+def cancel(job_ids: list[str], on_behalf: OnBehalf | None = None) -> None:
     """Cancel jobs in one batched ``scancel`` (jobs already ended are ignored).
 
-    With ``user`` (the jobs' owner) and a root process acting for them, ``scancel`` runs with the
-    user's ``token``, so Slurm cancels as that user; without the token it is refused.
+    ``on_behalf`` (from :func:`acting_for`): ``scancel`` runs with that user's token, so Slurm
+    cancels as the user, with the user's rights, not root's.
     """
     ids = [str(j) for j in job_ids if j]
     if ids:
-        who = acting_for(user, token) if user else None
-        env = who.environ() if who else None
+        env = on_behalf.environ() if on_behalf else None
         proc = _run(["scancel", *ids], check=False, env=env)
         if (
             proc.returncode != 0

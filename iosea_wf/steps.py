@@ -383,6 +383,7 @@ def check_step_name(step: str | None) -> str:
 
 def cancel(ctx, session: dict[str, Any], step: str | None = None, instance: int | None = None) -> list[str]:
     """Cancel the unfinished jobs of one step instance (or of every run of the session) in one scancel."""
+    who = slurm.acting_for(ctx.user, ctx.slurm_jwt)  # refused before anything is marked cancelled
     session = refresh(ctx, session)
     targets = [find_instance(session, step, instance)] if step else session.get("steps", [])
     now = time.time()
@@ -398,5 +399,5 @@ def cancel(ctx, session: dict[str, Any], step: str | None = None, instance: int 
         current = dict(tx.sessions.get(st.Query().id == session["id"]))
         current["steps"] = session["steps"]
         tx.put_session(current)
-    slurm.cancel(ids, user=ctx.user, token=ctx.slurm_jwt)
+    slurm.cancel(ids, who)
     return ids
