@@ -16,7 +16,7 @@ from typing import Any
 
 from . import jobs, slurm
 from . import store as st
-from .errors import OrchestrationError, SessionConflict, SessionNotFound, UsageError
+from .errors import OrchestrationError, SessionConflict, SessionNotFound, SlurmError, UsageError
 
 # What a job that will never run is shown as, and why.
 SKIPPED = "SKIPPED"
@@ -154,7 +154,9 @@ def submit(ctx, session: dict[str, Any], step: str, cwd: str | None = None) -> d
     ids = next((h.results for h in result.hosts.values() if h.results.get("step")), None)
     if not result.ok or not ids:
         msg = "; ".join(h.message for h in result.hosts.values() if not h.ok) or "no job id reported"
-        raise OrchestrationError(f"step {step} of session {session['name']} was not submitted: {msg}")
+        raise (SlurmError if result.refused_by_slurm else OrchestrationError)(
+            f"step {step} of session {session['name']} was not submitted: {msg}"
+        )
     start_ids, stop_ids = list(ids["start_movers"]), list(ids["stop_movers"])
     for mover in record["datamovers"]:
         mover["job_id"] = str(start_ids.pop(0) if mover["trigger"] == "step_start" else stop_ids.pop(0))
