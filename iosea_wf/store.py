@@ -51,6 +51,8 @@ class AtomicJSONStorage(Storage):
                 data = fh.read()
         except FileNotFoundError:
             return None
+        except OSError as exc:  # a directory, unreadable, I/O error: no traceback, exit 9
+            raise StoreError(f"cannot read the session store {self.path}: {exc.strerror}") from None
         if not data.strip():
             return None
         try:

@@ -44,3 +44,11 @@ def test_version_is_the_installed_distribution(iosea):
 def test_help_lists_exit_code_9(iosea):
     r = iosea("--help")
     assert "  9    the state directory or its session store cannot be used" in r.out
+
+
+def test_store_file_that_is_a_directory_exits_9(iosea, tmp_path):
+    state = tmp_path / "state"
+    (state / "iosea-wf.json").mkdir(parents=True)
+    r = iosea("list", "--state-dir", str(state))
+    assert r.code == 9, r.err
+    assert "cannot read the session store" in r.err and "Is a directory" in r.err
