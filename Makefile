@@ -58,5 +58,5 @@ bench: install site  ## every benchmark under bench/
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:  ## remove the venv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .coverage build iosea_wf.egg-info
 	find iosea_wf tests bench -name __pycache__ -prune -exec rm -rf {} +

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,9 +56,19 @@ def installed(tmp_path_factory):
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.fail(f"{SYSTEM_PYTHON} is missing: `make install` installs Debian's python3-venv")
     base = tmp_path_factory.mktemp("package")
+    # Built from a copy: setuptools would ship stale files left in the checkout's build/ dir.
+    source = base / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*cache", ".hypothesis"
+        ),
+    )
     wheels = base / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
         check=True,
         timeout=300,
     )
