@@ -184,3 +184,42 @@ def test_run_playbook_that_cannot_start_says_why(tmp_path, monkeypatch):
         orch.run_playbook(
             "x", site_path=inventory, state_dir=tmp_path / "s", ident="b-2", extravars={"a": object()}
         )
+
+
+SUBMIT = """\
+- name: Submit through the real slurm_job role
+  hosts: all
+  gather_facts: false
+  roles:
+    - role: slurm_job
+      vars:
+        slurm_job_action: submit
+        slurm_job_pipeline: "{{ iosea_pipeline }}"
+"""
+
+
+def test_a_submission_that_fails_before_sbatch_is_not_a_slurm_refusal(tmp_path, monkeypatch):
+    # The working directory is gone: the shell fails at `cd`, sbatch never runs (no Slurm needed).
+    (tmp_path / "submit.yml").write_text(SUBMIT)
+    inventory = tmp_path / "inv.yml"
+    inventory.write_text(
+        "all:\n  hosts:\n    localhost:\n      ansible_connection: local\n"
+        "      ansible_python_interpreter: '{{ ansible_playbook_python }}'\n"
+    )
+    monkeypatch.setattr(orch, "PLAYBOOKS_DIR", tmp_path)
+    monkeypatch.setenv("IOSEA_WF_WARM_ANSIBLE", "0")
+    pipeline = {
+        "cwd": str(tmp_path / "gone"),
+        "start_movers": [],
+        "step": {"name": "s", "argv": ["sbatch", "--parsable", "job.sh"]},
+        "stop_movers": [],
+    }
+    result = orch.run_playbook(
+        "submit",
+        site_path=inventory,
+        state_dir=tmp_path / "s",
+        ident="sub-1",
+        extravars={"iosea_pipeline": pipeline},
+    )
+    assert not result.ok and not result.refused_by_slurm
+    assert "sbatch refused the job" in result.hosts["localhost"].message  # the role's wording, rc of cd
