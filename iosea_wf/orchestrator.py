@@ -92,8 +92,20 @@ def _represent_mapping(dumper: yaml.SafeDumper, value: dict) -> yaml.MappingNode
     return yaml.MappingNode("tag:yaml.org,2002:map", pairs, flow_style=False)
 
 
-_UntrustedDumper.add_representer(str, _represent_untrusted)
-_UntrustedDumper.add_representer(dict, _represent_mapping)
+def _represent_sequence(dumper: yaml.SafeDumper, value: list | tuple) -> yaml.SequenceNode:
+    return dumper.represent_list(list(value))
+
+
+# Exact types first (SafeDumper's own would win), then subclasses: values read from the site
+# inventory or the store may be str/dict subclasses.
+for _type, _represent in (
+    (str, _represent_untrusted),
+    (dict, _represent_mapping),
+    (list, _represent_sequence),
+    (tuple, _represent_sequence),
+):
+    _UntrustedDumper.add_representer(_type, _represent)
+    _UntrustedDumper.add_multi_representer(_type, _represent)
 
 
 def untrusted_extravars(extravars: dict[str, Any]) -> str:
