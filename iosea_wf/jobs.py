@@ -182,6 +182,36 @@ def parse_sbatch(command: str, *, location_given: bool = False) -> SbatchCommand
     return SbatchCommand(options, rest, wrap)
 
 
+# In a script's #SBATCH lines, options iosea-wf also gives on the command line are overridden by
+# it (sbatch: the command line wins); the others would still break tracking.
+_OVERRIDDEN_IN_SCRIPT = {"parsable", "job-name", "chdir", "partition"}
+
+
+def check_directives(directives: list[str], script: str) -> None:
+    """Refuse ``#SBATCH`` lines of the step's script that give a reserved option (UsageError)."""
+    for line in directives:
+        try:
+            words = shlex.split(line[len("#SBATCH") :], comments=True)
+        except ValueError:
+            continue  # sbatch reports its own directives' syntax
+        for w in words:
+            if not w.startswith("-") or w == "-":
+                continue
+            if w.startswith("--"):
+                try:
+                    names = [_resolve(w[2:].split("=", 1)[0], line)]
+                except UsageError:
+                    continue  # not ours to judge: sbatch says what is wrong with it
+            else:
+                names = [SBATCH_SHORT[c] for c in w[1:2] if c in SBATCH_SHORT]
+            for name in names:
+                if name in RESERVED_OPTIONS and name not in _OVERRIDDEN_IN_SCRIPT:
+                    raise UsageError(
+                        f"the step's batch script {script} has '{line}': {w} cannot be given "
+                        f"({RESERVED_OPTIONS[name]})"
+                    )
+
+
 def _gives(options: list[str], *names: str) -> bool:
     """True if ``options`` (as :func:`parse_sbatch` returns them) set any of the long ``names``."""
     wanted = {n.lstrip("-") for n in names}
@@ -275,6 +305,7 @@ def write_step_script(
         if not script.is_file():
             raise UsageError(f"the step's batch script {script} does not exist")
         directives = _directives(script)
+        check_directives(directives, str(script))
         command = [*_interpreter(script), str(script), *script_and_args[1:]]
     lines = [
         "#!/bin/bash",

@@ -119,17 +119,21 @@ def references(
                 continue
             seen: set[str] = set()
             usable = [m for m, owner in datamovers.items() if owner in (None, service)]
+            allowed = (
+                one_of(usable)
+                if usable
+                else f"a data mover defined at the top level or inside service {service!r}, and there is none"
+            )
             for k, mover in enumerate(movers):
                 if not isinstance(mover, str):
                     continue
                 if mover not in datamovers:
-                    problems.add((*path, "datamovers", k), f"unknown data mover {mover!r}", one_of(usable))
+                    problems.add((*path, "datamovers", k), f"unknown data mover {mover!r}", allowed)
                 elif datamovers[mover] not in (None, service):
                     problems.add(
                         (*path, "datamovers", k),
-                        f"data mover {mover!r} belongs to service {datamovers[mover]!r}, "
-                        f"not to {service!r}",
-                        one_of(usable),
+                        f"data mover {mover!r} belongs to service {datamovers[mover]!r}, not to {service!r}",
+                        allowed,
                     )
                 elif mover in seen:
                     problems.add(

@@ -20,10 +20,10 @@ from .model import DataMover, Service, Step, StepService, Workflow
 from .problems import Problems
 from .schema import (
     DATAMOVER,
+    SBATCH_EXPECTED,
     SERVICE,
     SERVICE_TYPES,
     STEP,
-    SBATCH_EXPECTED,
     STEP_SERVICE,
     TOP_LEVEL,
     WORKFLOW,

@@ -190,7 +190,12 @@ class Workflow:
             services = [Service(s["name"], s["type"], dict(s["attributes"])) for s in data["services"]]
             datamovers = [
                 DataMover(
-                    d["name"], d["trigger"], d["target"], d["operation"], tuple(d["elements"]), d.get("service")
+                    d["name"],
+                    d["trigger"],
+                    d["target"],
+                    d["operation"],
+                    tuple(d["elements"]),
+                    d.get("service"),
                 )
                 for d in data["datamovers"]
             ]

@@ -201,13 +201,23 @@ def size(value: Any) -> int:
     return result
 
 
-def positive_int(value: Any) -> int:
-    """A whole number of at least 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise Expected(
-            f"expected a whole number of at least 1, got {_shown(value)}", "a number such as 1 or 2"
-        )
-    return value
+def datanode_count(most: int):
+    """A validator of ``attributes.datanodes``: how many datanodes the service spans, 1 to ``most``."""
+    expected = "an integer: the number of datanodes the service spans" + (
+        ", 1 for this service type" if most == 1 else f", from 1 to {most}"
+    )
+
+    def validate(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Expected(
+                f"datanodes is a number of datanodes: expected an integer, got {_shown(value)}", expected
+            )
+        if not 1 <= value <= most:
+            span = "exactly one datanode" if most == 1 else f"1 to {most} datanodes"
+            raise Expected(f"this service type spans {span}, not {value}", expected)
+        return value
+
+    return validate
 
 
 SBATCH_EXPECTED = "a command such as 'sbatch my_step.sh' or 'sbatch --wrap \"...\"'"
@@ -326,7 +336,8 @@ SERVICE_TYPES: dict[str, vol.Schema] = {
             vol.Required("mountpoint"): mountpoint,
             vol.Optional("flavor"): name,
             vol.Optional("storagesize"): size,
-            vol.Optional("datanodes"): positive_int,
+            # One nfs-ganesha export on one datanode: an NFS service spans exactly one.
+            vol.Optional("datanodes"): datanode_count(1),
             # IO-SEA WM v1.6 WDFs say where the service should run: a module name.
             vol.Optional("location"): name,
         }

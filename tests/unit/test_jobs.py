@@ -15,12 +15,22 @@ from iosea_wf.errors import UsageError
     [
         ("sbatch My_Step_A", [], ["My_Step_A"], None),
         ("sbatch -N 2 -t 10 job.sh a b", ["--nodes=2", "--time=10"], ["job.sh", "a", "b"], None),
-        ("sbatch -N2 --time=10 --exclusive job.sh", ["--nodes=2", "--time=10", "--exclusive"], ["job.sh"], None),
+        (
+            "sbatch -N2 --time=10 --exclusive job.sh",
+            ["--nodes=2", "--time=10", "--exclusive"],
+            ["job.sh"],
+            None,
+        ),
         ("sbatch --mem 100 --hold job.sh -x", ["--mem=100", "--hold"], ["job.sh", "-x"], None),
         ("sbatch -p gpu --wrap 'echo hi'", ["--partition=gpu"], [], "echo hi"),
         ("sbatch --wrap='echo hi'", [], [], "echo hi"),
         # Unambiguous prefixes, as sbatch's getopt accepts them, come back spelled out.
-        ("sbatch --cpus-per-t 2 --ntasks-per-n=4 --wr=true", ["--cpus-per-task=2", "--ntasks-per-node=4"], [], "true"),
+        (
+            "sbatch --cpus-per-t 2 --ntasks-per-n=4 --wr=true",
+            ["--cpus-per-task=2", "--ntasks-per-node=4"],
+            [],
+            "true",
+        ),
         ("sbatch -vHN1 job.sh", ["--verbose", "--hold", "--nodes=1"], ["job.sh"], None),
         ("sbatch --nice --exclusive=user -- -job.sh", ["--nice", "--exclusive=user"], ["-job.sh"], None),
     ],
@@ -66,7 +76,9 @@ def test_parse_sbatch_refuses(command, fragment):
     assert fragment in str(exc.value)
 
 
-@pytest.mark.parametrize("command", ["sbatch -p gpu job.sh", "sbatch --part=gpu job.sh", "sbatch -pgpu job.sh"])
+@pytest.mark.parametrize(
+    "command", ["sbatch -p gpu job.sh", "sbatch --part=gpu job.sh", "sbatch -pgpu job.sh"]
+)
 def test_partition_is_refused_only_when_the_step_gives_a_location(command):
     assert jobs.parse_sbatch(command).gives("partition")
     with pytest.raises(UsageError) as exc:
@@ -154,3 +166,31 @@ def test_mover_script_is_an_argument_list(tmp_path):
     last = out.read_text().splitlines()[-1]
     assert last.startswith("exec iosea-wf-mover move --source '/ns x' --target /tier/t --progress ")
     assert last.endswith("-- 'gauges/*.hdf5'")
+
+
+@pytest.mark.parametrize(
+    "directive, refused",
+    [
+        ("#SBATCH --wait", True),
+        ("#SBATCH -W", True),
+        ("#SBATCH --test-on", True),
+        ("#SBATCH --depend=afterok:1", True),
+        ("#SBATCH --array=1-4 # a comment", True),
+        ("#SBATCH --job-name=mine", False),  # the command line's --job-name wins
+        ("#SBATCH -p gpu --time=5", False),
+        ("#SBATCH --time=5 # --wait in a comment", False),
+    ],
+)
+def test_step_script_directives_are_checked(tmp_path, directive, refused):
+    (tmp_path / "job.sh").write_text(f"#!/bin/sh\n{directive}\necho hi\n")
+    write = lambda: jobs.write_step_script(  # noqa: E731
+        tmp_path / "step.sh", cwd=str(tmp_path), script_and_args=["job.sh"], wrap=None, env={},
+        attached=[], attach_mode="env",
+    )  # fmt: skip
+    if refused:
+        with pytest.raises(UsageError) as exc:
+            write()
+        assert "cannot be given" in str(exc.value)
+    else:
+        write()
+        assert directive.split(" #")[0] in (tmp_path / "step.sh").read_text()
