@@ -58,7 +58,7 @@ def build_wdf(steps: int = STEPS, services: int = SERVICES) -> str:
         lines += [
             f"  - name: step_{i}",
             f"    location: [{('cpu_module', 'gpu_module')[i % 2]}]",
-            f'    command: "sbatch --job-name=step_{i} step_{i}.sh {{{{ WORKFLOW }}}}"',
+            f'    command: "sbatch --comment=step_{i} step_{i}.sh {{{{ WORKFLOW }}}}"',
             "    services:",
             f"      - name: service_{first} RO",
             f"      - name: service_{second} RW",

@@ -33,7 +33,7 @@ from .site import Site, load_site, site_path
 Progress = Callable[[str], None]
 
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-BUILTIN_VARIABLES = ("SESSION", "USER", "WORKFLOW")
+BUILTIN_VARIABLES = ("SESSION", "USER", "WORKFLOW", "STEP")
 
 
 @dataclass
@@ -79,12 +79,24 @@ def _quiet(_: str) -> None:
 def wdf_variables(
     user: str, workflow_path: str, session: str | None, given: dict[str, str]
 ) -> dict[str, str]:
-    """The variables a WDF sees: the built-ins, then those given on the command line."""
+    """The variables a WDF sees: the built-ins, then those given on the command line.
+
+    A value from the command line is data: one holding ``{{``, ``{%`` or ``{#`` is refused, as in
+    the WDF itself (STEP is built in too, but only inside a step: see wdf.load).
+    """
     from .wdf import SESSION_PLACEHOLDER
+    from .wdf.variables import template_opener
 
     clash = sorted(set(given) & set(BUILTIN_VARIABLES))
     if clash:
         raise UsageError(f"{', '.join(clash)} is built in and cannot be given as a variable")
+    for name, value in {"WORKFLOW": workflow_path, "SESSION": session or "", **given}.items():
+        opener = template_opener(str(value))
+        if opener is not None:
+            raise UsageError(
+                f"variable {name}: its value contains {opener!r}; a value given on the command line "
+                "is data, never a template"
+            )
     values = {"USER": user, "WORKFLOW": workflow_path, "SESSION": session or SESSION_PLACEHOLDER}
     values.update(given)
     return values
@@ -94,6 +106,8 @@ def validate(ctx: Context, workflow_path: str, variables: dict[str, str], sessio
     """Load and validate a WDF against the site; return the Workflow or raise WDFError."""
     from .wdf import load_wdf
 
+    if session:
+        check_session_name(session)
     return load_wdf(workflow_path, wdf_variables(ctx.user, workflow_path, session, variables), ctx.site)
 
 
@@ -150,26 +164,26 @@ def _service_modules(workflow, service_name: str) -> set[str]:
     return modules
 
 
-def _place_services(tx: st.Transaction, site: Site, workflow, session_id: str, user: str, session: str):
-    """Choose a datanode per service and allocate its resources, all or nothing (under the lock)."""
+def place_services(site: Site, workflow, used_on: Callable[[str], dict[str, int]]) -> list[tuple]:
+    """(service, datanode, resources) for every service, given what each datanode already uses.
+
+    Pure: ``used_on(datanode)`` says what is allocated there; ResourcesUnavailable if one fits
+    nowhere. start calls it under the store lock; the property tests call it with nothing used.
+    """
     planned: dict[str, dict[str, int]] = {}  # datanode -> extra use planned in this start
     placements = []
     for service in workflow.services.values():
         need = _needed_resources(site, service)
         modules = _service_modules(workflow, service.name)
-        pinned = service.attributes.get("datanodes")
-        candidates = [
-            d
-            for d in site.datanodes.values()
-            if modules <= set(d.modules) and (not pinned or d.name in pinned)
-        ]
+        # `datanodes` is a count (validated: 1 for the types offered today), not a choice of names.
+        candidates = [d for d in site.datanodes.values() if modules <= set(d.modules)]
         if not candidates:
             raise ResourcesUnavailable(
                 f"service {service.name}: no datanode serves the module(s) {', '.join(sorted(modules))}"
             )
         best, shortfalls = None, []
         for d in candidates:
-            used = tx.used_on(d.name)
+            used = used_on(d.name)
             extra = planned.get(d.name, {"cores": 0, "memory_mb": 0, "storage_gb": 0})
             free = {
                 "cores": d.cores - used["cores"] - extra["cores"],
@@ -192,6 +206,12 @@ def _place_services(tx: st.Transaction, site: Site, workflow, session_id: str, u
         for k, _unit in _UNITS:
             extra[k] += need[k]
         placements.append((service, datanode, need))
+    return placements
+
+
+def _place_services(tx: st.Transaction, site: Site, workflow, session_id: str, user: str, session: str):
+    """Choose a datanode per service and allocate its resources, all or nothing (under the lock)."""
+    placements = place_services(site, workflow, tx.used_on)
     for service, datanode, need in placements:
         tx.allocate(
             {
@@ -249,6 +269,32 @@ def _service_record(site: Site, user: str, session: str, session_id: str, servic
     }
 
 
+def session_record(
+    site: Site, workflow, workflow_path: str, user: str, name: str, session_id: str, placements, now: float
+) -> dict[str, Any]:
+    """The record start stores for a new session (state STARTING), from its placements. Pure."""
+    return {
+        "id": session_id,
+        "name": name,
+        "owner": user,
+        "workflow": workflow.name,
+        "wdf_path": str(Path(workflow_path).resolve()),
+        "wdf": workflow.to_dict(),
+        "site": str(site.path),
+        "site_snapshot": site.to_dict(),
+        "state": st.STARTING,
+        "pid": os.getpid(),
+        "host": os.uname().nodename,
+        "created_at": now,
+        "updated_at": now,
+        "services": [_service_record(site, user, name, session_id, s, d, n) for s, d, n in placements],
+        "steps": [],
+        "runs": [],
+        "error": None,
+        "resources_left": True,
+    }
+
+
 def _orchestrator_services(session: dict[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
     """The service dicts the session_services playbook receives."""
     return [
@@ -302,28 +348,7 @@ def start(
                         f"by session {other['name']!r} of {other['owner']} (service {svc['name']})"
                     )
         placements = _place_services(tx, site, workflow, session_id, ctx.user, name)
-        record = {
-            "id": session_id,
-            "name": name,
-            "owner": ctx.user,
-            "workflow": workflow.name,
-            "wdf_path": str(Path(workflow_path).resolve()),
-            "wdf": workflow.to_dict(),
-            "site": str(site.path),
-            "site_snapshot": site.to_dict(),
-            "state": st.STARTING,
-            "pid": os.getpid(),
-            "host": os.uname().nodename,
-            "created_at": now,
-            "updated_at": now,
-            "services": [
-                _service_record(site, ctx.user, name, session_id, s, d, n) for s, d, n in placements
-            ],
-            "steps": [],
-            "runs": [],
-            "error": None,
-            "resources_left": True,
-        }
+        record = session_record(site, workflow, workflow_path, ctx.user, name, session_id, placements, now)
         tx.put_session(record)
 
     if not record["services"]:

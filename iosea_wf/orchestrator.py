@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .errors import OrchestrationError
 from .procs import alive
 from .site import DATA_DIR
@@ -148,6 +150,51 @@ def prune_runs(state_dir: Path, keep: int | None = None, now: float | None = Non
     return sorted(doomed)
 
 
+class _UntrustedDumper(yaml.SafeDumper):
+    """A YAML dumper that tags every string ``!unsafe``: Ansible then never renders it as a template."""
+
+
+def _represent_untrusted(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    # Double quotes escape every control character, so the value reads back exactly.
+    return dumper.represent_scalar("!unsafe", value, style='"')
+
+
+def _represent_mapping(dumper: yaml.SafeDumper, value: dict) -> yaml.MappingNode:
+    # Keys are variable and field names: plain, so Ansible looks them up as usual.
+    pairs = [
+        (yaml.ScalarNode("tag:yaml.org,2002:str", str(k), style='"'), dumper.represent_data(v))
+        for k, v in value.items()
+    ]
+    return yaml.MappingNode("tag:yaml.org,2002:map", pairs, flow_style=False)
+
+
+def _represent_sequence(dumper: yaml.SafeDumper, value: list | tuple) -> yaml.SequenceNode:
+    return dumper.represent_list(list(value))
+
+
+# Exact types first (SafeDumper's own would win), then subclasses: values read from the site
+# inventory or the store may be str/dict subclasses.
+for _type, _represent in (
+    (str, _represent_untrusted),
+    (dict, _represent_mapping),
+    (list, _represent_sequence),
+    (tuple, _represent_sequence),
+):
+    _UntrustedDumper.add_representer(_type, _represent)
+    _UntrustedDumper.add_multi_representer(_type, _represent)
+
+
+def untrusted_extravars(extravars: dict[str, Any]) -> str:
+    """``extravars`` as the YAML of ansible-runner's ``env/extravars``, every string tagged ``!unsafe``.
+
+    ansible-core 2.19 trusts what it reads from a vars file (ansible-runner passes
+    ``-e @env/extravars``) and renders any ``{{ }}`` in it when a role uses the value. Everything
+    here comes from users (names, paths, commands), so none of it may ever be a template, even one
+    that slipped past validation. Keys are our own names and stay plain.
+    """
+    return yaml.dump(extravars, Dumper=_UntrustedDumper, default_flow_style=False, allow_unicode=True)
+
+
 def run_playbook(
     playbook: str,
     *,
@@ -168,6 +215,11 @@ def run_playbook(
 
     private_dir = Path(state_dir) / "runs" / ident
     private_dir.mkdir(parents=True, exist_ok=True)
+    # Written here rather than handed to ansible-runner, which writes it as plain (trusted) JSON;
+    # rewritten on every run, so a reused ident never sees stale values.
+    env_dir = private_dir / "env"
+    env_dir.mkdir(exist_ok=True)
+    (env_dir / "extravars").write_text(untrusted_extravars(extravars))
     hosts: dict[str, HostOutcome] = {}
 
     def handle(event: dict[str, Any]) -> bool:
@@ -196,7 +248,6 @@ def run_playbook(
             # With a `binary`, ansible-runner leaves the playbook out of the command: give it here.
             cmdline=shlex.quote(f"{playbook}.yml") if binary else None,
             inventory=str(site_path),
-            extravars=extravars,
             envvars=envvars,
             ident=ident,
             quiet=not verbose,

@@ -345,9 +345,14 @@ def instance_succeeded(inst: dict[str, Any]) -> bool:
 
 
 def check_step_name(step: str | None) -> str:
-    """Reject a missing STEP=."""
+    """Reject a missing STEP= or one that cannot be a step's name (the WDF's name rule)."""
+    from .wdf.model import NAME_RULE, name_problem
+
     if not step:
         raise UsageError("STEP= is mandatory (e.g. STEP=step_A)")
+    why = name_problem(step)
+    if why is not None:
+        raise UsageError(f"invalid step name {step!r} (STEP=): {why}; use {NAME_RULE}")
     return step
 
 
