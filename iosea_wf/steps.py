@@ -25,6 +25,9 @@ NEVER_RUNS_REASONS = {"DependencyNeverSatisfied"}
 # failed: its number stays taken, so instance numbers never repeat.
 SUBMITTING = "SUBMITTING"
 NOT_SUBMITTED = "NOT_SUBMITTED"
+# A submission takes about a second; one still SUBMITTING after this long, on whatever host, is
+# taken for dead (its process cannot be checked from another host), so `stop` never waits forever.
+SUBMIT_GIVE_UP_S = 300.0
 
 
 def _instance_dir(state_dir: Path, session: dict[str, Any], step: str, instance: int) -> Path:
@@ -160,12 +163,15 @@ def submit(ctx, session: dict[str, Any], step: str, cwd: str | None = None) -> d
                 f"session {current['name']!r} is {current['state']}, not ACTIVE: cannot run a step"
             )
         record, pipeline = plan_run(ctx, current, step, cwd or os.getcwd())
-        record.update(state=SUBMITTING, submitter={"pid": os.getpid(), "host": os.uname().nodename})
+        instance = record["instance"]
+        ident = f"{session['name']}-run-{step}-{instance}-{int(time.time())}"
+        # Who submits, and the playbook run's name: a `stop` finding this process dead ends the
+        # ansible-playbook it left (which would otherwise submit on) before cancelling its jobs.
+        submitter = {"pid": os.getpid(), "host": os.uname().nodename, "run": ident}
+        record.update(state=SUBMITTING, submitter=submitter)
         current["steps"] = [*current.get("steps", []), record]
         current["updated_at"] = time.time()
         tx.put_session(current)
-    instance = record["instance"]
-    ident = f"{session['name']}-run-{step}-{instance}-{int(time.time())}"
     try:
         result = run_playbook(
             "step_submit",
@@ -236,6 +242,8 @@ def _mark_not_submitted(ctx, session_id: str, step: str, instance: int, reason: 
     with ctx.store.transaction() as tx:
         current = _current(tx, session_id)
         inst = _instance_of(current, step, instance)
+        if inst.get("state") != SUBMITTING:
+            return  # its `run` recorded its jobs meanwhile: they are tracked
         inst.update(state=NOT_SUBMITTED, reason=reason)
         for m in inst["datamovers"]:
             m.update(state=NOT_SUBMITTED, reason="the step was not submitted")
@@ -261,16 +269,18 @@ def _cancel_named(names: list[str]) -> list[str]:
     return ids
 
 
-def abandoned(session: dict[str, Any]) -> list[dict[str, Any]]:
-    """SUBMITTING instances whose submitting process died on this host (kill -9 mid-submission)."""
+def abandoned(session: dict[str, Any], now: float | None = None) -> list[dict[str, Any]]:
+    """SUBMITTING instances whose `run` died (kill -9 mid-submission, on this host) or is long overdue."""
     from .procs import alive
 
-    here = os.uname().nodename
-    return [
-        i
-        for i in submitting(session)
-        if i.get("submitter", {}).get("host") == here and not alive(i.get("submitter", {}).get("pid"))
-    ]
+    here, now = os.uname().nodename, time.time() if now is None else now
+    found = []
+    for i in submitting(session):
+        who = i.get("submitter") or {}
+        dead_here = who.get("host") == here and not alive(who.get("pid"))
+        if dead_here or now - i["submitted_at"] > SUBMIT_GIVE_UP_S:
+            found.append(i)
+    return found
 
 
 def submitting(session: dict[str, Any]) -> list[dict[str, Any]]:
@@ -278,15 +288,20 @@ def submitting(session: dict[str, Any]) -> list[dict[str, Any]]:
     return [i for i in session.get("steps", []) if i.get("state") == SUBMITTING]
 
 
-def end_abandoned(ctx, session: dict[str, Any]) -> list[str]:
-    """Mark abandoned submissions NOT_SUBMITTED and cancel whatever of them reached Slurm."""
-    cancelled: list[str] = []
-    for inst in abandoned(session):
+def end_abandoned(ctx, session: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mark abandoned submissions NOT_SUBMITTED, cancelling whatever of them reached Slurm; return them."""
+    from .orchestrator import end_orphaned_run
+
+    found = abandoned(session)
+    for inst in found:
+        who = inst.get("submitter") or {}
+        if who.get("run") and who.get("host") == os.uname().nodename:
+            end_orphaned_run(ctx.store.state_dir, who["run"])
         prefix = f"iosea.{session['name']}.{inst['name']}.{inst['instance']}"
-        cancelled += _cancel_named([prefix] + [f"{prefix}.dm.{m['name']}" for m in inst["datamovers"]])
-        why = "the submitting process died; what it had submitted was cancelled"
+        ids = _cancel_named([prefix] + [f"{prefix}.dm.{m['name']}" for m in inst["datamovers"]])
+        why = "the submitting `run` died" + (f"; its jobs {' '.join(ids)} were cancelled" if ids else "")
         _mark_not_submitted(ctx, session["id"], inst["name"], inst["instance"], why)
-    return cancelled
+    return found
 
 
 def _job_ids(instance: dict[str, Any]) -> list[str]:

@@ -172,3 +172,34 @@ def test_run_while_stopping_is_refused_with_exit_5(race, iosea_proc, cli_env):
             stop.kill()
     recorded = json.loads(iosea_proc("status", s, "--json").stdout)["steps"]
     assert [i["instance"] for i in recorded] == [1]
+
+
+def test_stop_ends_a_submission_whose_run_was_killed(race, iosea_proc, cli_env, state_dir):
+    session = race(sleep=1)
+    s = f"SESSION={session}"
+    run = subprocess.Popen(
+        [str(BIN / "iosea-wf"), "run", s, "STEP=tick"], env=cli_env, stderr=subprocess.DEVNULL
+    )
+    db = state_dir / "iosea-wf.json"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        sessions = json.loads(db.read_text())["sessions"].values()
+        steps = next(x for x in sessions if x["name"] == session)["steps"]
+        if steps and steps[0]["state"] == "SUBMITTING":
+            break
+        time.sleep(0.02)
+    run.kill()  # kill -9 mid-submission: its ansible-playbook lives on
+    run.wait()
+    stop = iosea_proc("stop", s, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    recorded = json.loads(iosea_proc("status", s, "--json").stdout)["steps"]
+    assert len(recorded) == 1 and recorded[0]["state"] != "SUBMITTING", recorded
+    time.sleep(3)  # an orphaned playbook that was not ended would submit within this
+    known = _slurm_jobs(session)
+    # nothing of it runs untracked: every job is in the store, or was cancelled by stop
+    untracked = {j: v for j, v in known.items() if j != recorded[0]["job_id"] and v[1] != "CANCELLED"}
+    assert not untracked, untracked
+    if recorded[0]["state"] == "NOT_SUBMITTED":
+        assert "the submitting `run` died" in recorded[0]["reason"]
+    else:  # the run recorded its job before it was killed
+        assert set(known) <= {recorded[0]["job_id"]}
