@@ -54,7 +54,10 @@ tiers=$(iosea-wf show tiers --json | python3 -c 'import json,sys; print(" ".join
 say "Tiers after the run (flash: copied by step_start; tape: moved by step_stop)"
 for t in $tiers; do
   name=${t%%=*}; path=${t#*=}
-  [ -d "$path/$(id -un)/$session" ] && { echo "$name:"; (cd "$path/$(id -un)/$session" && find . -type f | sort); }
+  # A session's tier directory is NAME.ID (its name, then the start of its id).
+  for dir in "$path/$(id -un)/$session".*/; do
+    [ -d "$dir" ] && { echo "$name: $dir"; (cd "$dir" && find . -type f | sort); }
+  done
 done
 echo "ES2 gauges left in the namespace (moved to tape, so none):"
 ls "$data/ns2/gauges"

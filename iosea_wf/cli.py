@@ -330,6 +330,7 @@ def _print_session(s: dict[str, Any]) -> None:
                     i["job_id"],
                     i["exit_code"],
                     i.get("reason") or "",
+                    "",
                 ]
             )
             for m in i["datamovers"]:
@@ -341,9 +342,10 @@ def _print_session(s: dict[str, Any]) -> None:
                         m["job_id"],
                         m["exit_code"],
                         _progress_text(m.get("progress")) or m.get("reason") or "",
+                        m.get("target_path"),
                     ]
                 )
-        _table("steps", ["step", "what", "state", "job", "exit", "detail"], rows)
+        _table("steps", ["step", "what", "state", "job", "exit", "detail", "target path"], rows)
     if s.get("accesses"):
         _table(
             "interactive access",

@@ -475,42 +475,64 @@ def stop(
     """Wait for the session's jobs (or cancel them with ``force``), then tear every service down."""
     from . import slurm, steps
 
-    record = find_session(ctx, session)
-    if record["state"] == st.STOPPED or (record["state"] == st.FAILED and not record.get("resources_left")):
-        raise SessionConflict(f"session {record['name']!r} is already {record['state']}: nothing to stop")
-    same_host = record.get("host") == os.uname().nodename
-    if record["state"] == st.STARTING and same_host and alive(record.get("pid")) and not force:
-        raise SessionConflict(
-            f"session {record['name']!r} is still starting (process {record['pid']}); "
-            "wait for it, or use --force to tear it down anyway"
-        )
-    if record["state"] == st.STARTING and record.get("start_run"):
+    name = check_session_name(session)
+    with ctx.store.transaction() as tx:
+        # Checked and marked STOPPING in one transaction: a `run` after this is refused.
+        record = tx.session(ctx.user, name)
+        if record is None:
+            raise SessionNotFound(
+                f"user {ctx.user} has no session named {name!r} (see `iosea-wf list --all`)"
+            )
+        record = dict(record)
+        state = record["state"]
+        if state == st.STOPPED or (state == st.FAILED and not record.get("resources_left")):
+            raise SessionConflict(f"session {record['name']!r} is already {state}: nothing to stop")
+        same_host = record.get("host") == os.uname().nodename
+        if state == st.STARTING and same_host and alive(record.get("pid")) and not force:
+            raise SessionConflict(
+                f"session {record['name']!r} is still starting (process {record['pid']}); "
+                "wait for it, or use --force to tear it down anyway"
+            )
+        record["state"] = st.STOPPING
+        record["updated_at"] = time.time()
+        tx.put_session(record)
+    if state == st.STARTING and record.get("start_run"):
         from .orchestrator import end_orphaned_run
 
         if end_orphaned_run(ctx.store.state_dir, record["start_run"]):
             progress(f"session {record['name']}: ended the provisioning its dead start left running")
-    if steps.active_jobs(record) or steps.starting_accesses(record):
-        record = ctx.store.update_session(record["id"], state=st.STOPPING)
-        said, cancelled = None, set()
-        while True:
-            # Re-read each time: an access records its job id from its own process.
-            record = steps.refresh(ctx, find_session(ctx, record["name"]))
-            active = steps.active_jobs(record)
-            if force and set(active) - cancelled:
-                ids = sorted(set(active) - cancelled)
-                progress(f"session {record['name']}: cancelling {len(ids)} job(s): {' '.join(ids)}")
-                slurm.cancel(ids)
-                cancelled.update(ids)
-            waiting = active + [f"access (pid {a['pid']})" for a in steps.starting_accesses(record)]
-            if not waiting:
-                break
-            if said != waiting:
-                progress(f"session {record['name']}: waiting for job(s) {' '.join(waiting)} to end")
-                said = waiting
-            time.sleep(poll)
+    said, cancelled = None, set()
+    while True:
+        # Re-read each time: an access records its job id from its own process, a `run` in
+        # flight its job ids from its own.
+        record = steps.refresh(ctx, _session_by_id(ctx, record["id"]))
+        if steps.end_abandoned(ctx, record):
+            continue
+        active = steps.active_jobs(record)
+        if force and set(active) - cancelled:
+            ids = sorted(set(active) - cancelled)
+            progress(f"session {record['name']}: cancelling {len(ids)} job(s): {' '.join(ids)}")
+            slurm.cancel(ids)
+            cancelled.update(ids)
+        waiting = active + [f"access (pid {a['pid']})" for a in steps.starting_accesses(record)]
+        waiting += [f"submission of {i['name']}#{i['instance']}" for i in steps.submitting(record)]
+        if not waiting:
+            break
+        if said != waiting:
+            progress(f"session {record['name']}: waiting for job(s) {' '.join(waiting)} to end")
+            said = waiting
+        time.sleep(poll)
     progress(f"session {record['name']}: stopping {len(record['services'])} service(s)")
     record = ctx.store.update_session(record["id"], state=st.STOPPING)
     return _teardown(ctx, record, progress, final=st.STOPPED)
+
+
+def _session_by_id(ctx: Context, session_id: str) -> dict[str, Any]:
+    with ctx.store.transaction(shared=True) as tx:
+        record = tx.sessions.get(st.Query().id == session_id)
+    if record is None:
+        raise st.StoreError(f"session {session_id} vanished from the store")
+    return dict(record)
 
 
 def list_sessions(ctx: Context, *, include_ended: bool = False) -> list[dict[str, Any]]:
@@ -559,6 +581,8 @@ def status(ctx: Context, session: str | None) -> dict[str, Any]:
     if steps.active_jobs(record):
         record = steps.refresh(ctx, record)
     summary = session_summary(record)
+    # The id tells apart sessions of a reused name (it is part of their tier directories).
+    summary["id"] = record["id"]
     summary["steps"] = [steps.view(i) for i in record.get("steps", [])]
     summary["accesses"] = [
         {

@@ -219,7 +219,10 @@ def run_playbook(
     # rewritten on every run, so a reused ident never sees stale values.
     env_dir = private_dir / "env"
     env_dir.mkdir(exist_ok=True)
-    (env_dir / "extravars").write_text(untrusted_extravars(extravars))
+    try:
+        (env_dir / "extravars").write_text(untrusted_extravars(extravars))
+    except yaml.YAMLError as exc:  # a value that is not data (a bug of the caller, never of a user)
+        raise OrchestrationError(f"cannot run the playbook {playbook}: {exc}") from None
     hosts: dict[str, HostOutcome] = {}
 
     def handle(event: dict[str, Any]) -> bool:
