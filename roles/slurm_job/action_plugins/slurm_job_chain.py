@@ -14,7 +14,9 @@ Arguments (see ../README.md): ``pipeline`` with ``cwd``, ``start_movers``, ``ste
 batch script (``--dependency`` is inserted before it: after it, sbatch would pass it to the
 script). Returns ``job_ids``: ``{start_movers: [...], step: ID, stop_movers: [...]}``. When an
 ``sbatch`` is refused, what was already submitted is cancelled and the task fails with sbatch's
-own message.
+own message; ``sbatch_refused`` is then true when sbatch itself answered (it rejected an option,
+or slurmctld refused the job or could not be reached), false when the shell or connection failed
+before sbatch ran (e.g. a missing ``cwd``): the caller maps the first to a Slurm error.
 
 ``pipeline.user_dirs`` (``[{path, user}]``): directories (a storage tier's directory of the user)
 made before anything is submitted: created 0700 and given to the user when missing, never
@@ -24,6 +26,10 @@ through a symlink, and checked to be a 0700 directory of that user (else nothing
 of the user the jobs are submitted for. It is read and removed at once; the token then travels
 to each ``sbatch``/``scancel`` on its standard input and into its environment as ``SLURM_JWT``,
 never on a command line, and is never part of the result.
+
+``report`` (instead of the others): the registered result of a submission whose task had
+``no_log`` and did not fail; this fails with its message, ``sbatch_refused`` and ``cancelled``
+(none of which can hold the token), so the failure reaches the caller's events.
 """
 
 from __future__ import annotations
@@ -63,6 +69,10 @@ done
 class SubmissionRefused(Exception):
     """sbatch (or the connection) refused one job of the chain."""
 
+    def __init__(self, reason: str, by_sbatch: bool):
+        super().__init__(reason)
+        self.by_sbatch = by_sbatch
+
 
 def _read_token(path: str) -> str:
     """The token in ``path``; the file is removed whatever happens."""
@@ -78,7 +88,7 @@ def _read_token(path: str) -> str:
 
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
-    _VALID_ARGS = frozenset(("pipeline", "token_file"))
+    _VALID_ARGS = frozenset(("pipeline", "token_file", "report"))
     _token = ""
 
     def _sh(self, argv: list[str], cwd: str) -> dict:
@@ -107,12 +117,22 @@ class ActionModule(ActionBase):
         job_id = (out.get("stdout") or "").strip().split(";")[0]
         if out.get("rc") != 0 or not job_id.isdigit():
             reason = (out.get("stderr") or out.get("stdout") or f"rc={out.get('rc')}").strip()
-            raise SubmissionRefused(reason)
+            # Every refusal of sbatch's own (bad option, job slurmctld will not take) says so.
+            raise SubmissionRefused(reason, by_sbatch="sbatch: error:" in reason)
         return job_id
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
         del tmp
+        report = self._task.args.get("report")
+        if report is not None:
+            result.update(
+                failed=True,
+                msg=str(report.get("msg") or "the submission failed without a message"),
+                sbatch_refused=bool(report.get("sbatch_refused")),
+                cancelled=list(report.get("cancelled") or []),
+            )
+            return result
         try:
             self._token = _read_token(str(self._task.args.get("token_file") or ""))
         except OSError as exc:
@@ -154,6 +174,7 @@ class ActionModule(ActionBase):
                 failed=True,
                 changed=bool(submitted),
                 msg=f"sbatch refused the job: {exc}",
+                sbatch_refused=exc.by_sbatch,
                 cancelled=submitted,
             )
             return result
