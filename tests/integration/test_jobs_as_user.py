@@ -248,7 +248,7 @@ def test_alice_access_sees_her_services_as_herself(alice_session, users):
         'id -u; cat "$IOSEA_SERVICE_RO_MOUNTPOINT/input.dat"; '
         'echo from-access > "$IOSEA_SERVICE_RW_MOUNTPOINT/access.txt"'
     )
-    r = s["alice"]("iosea-wf", "access", f"SESSION={s['session']}", "--immediate", "--", "sh", "-c", script)
+    r = s["alice"]("iosea-wf", "access", f"SESSION={s['session']}", "--", "sh", "-c", script)
     assert r.stdout.splitlines()[:2] == [str(alice.pw_uid), "dataset of alice"], r.stderr
     written = s["home"] / "ns_rw" / "access.txt"
     assert written.read_text() == "from-access\n" and os.stat(written).st_uid == alice.pw_uid

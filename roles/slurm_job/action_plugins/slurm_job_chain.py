@@ -45,8 +45,9 @@ _WITH_TOKEN = "IFS= read -r SLURM_JWT && export SLURM_JWT && "
 
 # Arguments: pairs of (directory, user). mkdir is atomic, so a directory this shell created is
 # changed (chown -h) before anyone else can touch it (a tier is sticky, like /tmp). One that
-# existed is only re-moded by its owner's own rights (setpriv), so a symlink planted in its place
-# can never make root change another file.
+# existed with another mode is re-moded from inside it (chmod .), after checking that the
+# directory entered is the user's: a symlink planted in its place can never make root change
+# a file that is not the user's.
 _USER_DIRS = r"""
 me=$(id -un)
 while [ $# -ge 2 ]; do
@@ -56,8 +57,7 @@ while [ $# -ge 2 ]; do
   fi
   found=$(stat -c '%F|%U|%a' -- "$d" 2>&1) || { echo "cannot create $d: $found" >&2; exit 1; }
   if [ "$found" = "directory|$u|${found##*|}" ] && [ "${found##*|}" != 700 ]; then
-    if [ "$me" = "$u" ]; then chmod 700 -- "$d"
-    else setpriv --reuid="$u" --regid="$(id -g -- "$u")" --clear-groups chmod 700 -- "$d"; fi
+    (cd -- "$d" && [ "$(stat -c %U .)" = "$u" ] && chmod 700 .)
     found=$(stat -c '%F|%U|%a' -- "$d")
   fi
   [ "$found" = "directory|$u|700" ] || {
