@@ -340,7 +340,9 @@ def load_site(explicit: str | os.PathLike | None = None) -> Site:
         if not os.path.isabs(root):
             problems.append(f"iosea_namespace_roots: {root!r} must be an absolute path")
         elif resolved == "/":
-            problems.append(f"iosea_namespace_roots: {root!r} is the whole file system; list directories below /")
+            problems.append(
+                f"iosea_namespace_roots: {root!r} is the whole file system; list directories below /"
+            )
         elif resolved not in roots:
             roots.append(resolved)
     if v["iosea_default_flavor"] not in flavors:
