@@ -90,6 +90,22 @@ def test_the_site_declares_resolved_namespace_roots(site):
     )
 
 
+def test_nfs_clients_are_the_sites_nodes(tmp_path, site):
+    assert site.nfs_clients == ("127.0.0.1",)
+    example = load_site(Path(LOCAL_SITE).parent / "example")
+    assert len(example.nfs_clients) == 128 + 16 + 4
+    assert example.nfs_clients[0] == "cpu001.example.org" and example.nfs_clients[-1] == "10.20.0.14"
+    copy = tmp_path / "site"
+    shutil.copytree(LOCAL_SITE, copy)
+    conf = copy / "group_vars" / "all" / "iosea.yml"
+    conf.write_text(conf.read_text() + "\niosea_nfs_clients: [10.20.0.0/16]\n")
+    assert load_site(copy).nfs_clients == ("10.20.0.0/16",)
+    conf.write_text(conf.read_text() + "\niosea_nfs_clients: ['10.0.0.1; Access_Type = RW']\n")
+    with pytest.raises(SiteError) as caught:
+        load_site(copy)
+    assert "is not an address, host name or CIDR network" in str(caught.value)
+
+
 def test_a_site_without_namespace_roots_is_refused(tmp_path):
     copy = tmp_path / "site"
     shutil.copytree(LOCAL_SITE, copy)
