@@ -34,8 +34,14 @@ from .schema import (
 from .variables import STEP_VARIABLE, substitute
 
 
-def load_wdf(path: str | os.PathLike, variables: dict[str, str], site: Site | None = None) -> Workflow:
-    """The validated workflow of the WDF at ``path``; WDFError listing every problem otherwise."""
+def load_wdf(
+    path: str | os.PathLike, variables: dict[str, str], site: Site | None = None, *, owner: str | None = None
+) -> Workflow:
+    """The validated workflow of the WDF at ``path``; WDFError listing every problem otherwise.
+
+    With ``owner`` (and a site), namespaces are checked on this host too: inside the site's roots,
+    existing, and usable by that user.
+    """
     problems = Problems(str(path))
     raw = compose_marked(read_text(FsPath(path), problems), problems)
     if not isinstance(raw, dict):
@@ -70,6 +76,8 @@ def load_wdf(path: str | os.PathLike, variables: dict[str, str], site: Site | No
     checks.distinct_paths(data, problems)
     if site is not None:
         checks.against_site(data, site, problems)
+        if owner is not None:
+            checks.namespaces(data, site, owner, problems)
     problems.raise_if_any()
 
     # No problem was found: every validated part below is present.
