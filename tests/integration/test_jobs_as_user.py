@@ -105,7 +105,11 @@ def user_venv():
 
 @pytest.fixture(scope="module")
 def users():
-    """Two fresh Unix users (alice, bob), removed with their home and tier directories afterwards."""
+    """Two fresh Unix users (alice, bob), removed with their home and tier directories afterwards.
+
+    With a login shell (unlike tests/unix_users.py): a job submitted for them with
+    ``--export=NONE`` gets its environment from the user's login, as a real user's would.
+    """
     tag = uuid.uuid4().hex[:6]
     names = {"alice": f"iwf-alice-{tag}", "bob": f"iwf-bob-{tag}"}
     for name in names.values():
