@@ -19,7 +19,8 @@ from typing import Any
 
 from . import jobs, slurm
 from . import store as st
-from .errors import SessionConflict, SlurmError
+from .errors import SessionConflict, SlurmError, UsageError
+from .identity import current_user
 from .manager import Context, Progress
 
 
@@ -40,6 +41,14 @@ def open_allocation(
     Raises :class:`SlurmError` when no allocation was granted (``--immediate`` on busy nodes,
     or salloc failing before the command ran).
     """
+    me = current_user()
+    if ctx.user != me:
+        # salloc runs in the user's own terminal, as the user (their CLI runs it): a process
+        # running as someone else never opens an allocation for them.
+        raise UsageError(
+            f"interactive access runs as the user in their own terminal: this process runs as {me}, "
+            f"not as {ctx.user}"
+        )
     site = ctx.site_of(record)
     partition = partition or site.interactive_partition
     token = uuid.uuid4().hex[:8]

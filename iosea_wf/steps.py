@@ -215,7 +215,7 @@ def submit(ctx, session: dict[str, Any], step: str, cwd: str | None = None) -> d
             )
     except BaseException as exc:
         # Interrupted or crashed mid-submission: whatever reached Slurm is cancelled, then said.
-        _cancel_named(_pipeline_names(pipeline), who)
+        _cancel_named(ctx, _pipeline_names(pipeline))
         _mark_not_submitted(ctx, sid, step, instance, f"submission interrupted: {exc!r}")
         raise
     ids = next((h.results for h in result.hosts.values() if h.results.get("step")), None)
@@ -292,14 +292,17 @@ def _pipeline_names(pipeline: dict[str, Any]) -> list[str]:
     return names
 
 
-def _cancel_named(names: list[str], who: slurm.OnBehalf | None) -> list[str]:
-    """Cancel the unfinished jobs Slurm holds under these job names (a submission cut short)."""
+def _cancel_named(ctx, names: list[str]) -> list[str]:
+    """Cancel the unfinished jobs Slurm holds under these job names (a submission cut short).
+
+    For another user, only with their token (asked for only when there is something to cancel).
+    """
     if not names or not slurm.controller_up():
         return []
     rows = slurm.jobs_named(",".join(names))
     ids = [j for j, state, _ in rows if state not in slurm.TERMINAL_STATES]
     if ids:
-        slurm.cancel(ids, who)
+        slurm.cancel(ids, slurm.acting_for(ctx.user, ctx.slurm_jwt))
     return ids
 
 
@@ -333,7 +336,7 @@ def end_abandoned(ctx, session: dict[str, Any]) -> list[dict[str, Any]]:
             end_orphaned_run(ctx.store.state_dir, who["run"])
         prefix = f"iosea.{session['name']}.{inst['name']}.{inst['instance']}"
         names = [prefix] + [f"{prefix}.dm.{m['name']}" for m in inst["datamovers"]]
-        ids = _cancel_named(names, slurm.acting_for(ctx.user, ctx.slurm_jwt))
+        ids = _cancel_named(ctx, names)
         why = "the submitting `run` died" + (f"; its jobs {' '.join(ids)} were cancelled" if ids else "")
         _mark_not_submitted(ctx, session["id"], inst["name"], inst["instance"], why)
     return found

@@ -6,6 +6,7 @@ comes in the environment variable IOSEA_TEST_JWT (never on the command line).
 
     python manager_for_user.py OPERATION USER STATE_DIR ARGS...
       start WORKFLOW SESSION | run SESSION STEP | cancel SESSION STEP | stop SESSION
+      | access SESSION COMMAND...
 
 Prints the operation's result as JSON; an IoseaError exits with its code and message.
 """
@@ -32,6 +33,8 @@ def main(argv: list[str]) -> int:
             result = manager.run(ctx, rest[0], rest[1])
         elif op == "cancel":
             result = {"cancelled": manager.cancel(ctx, rest[0], rest[1])}
+        elif op == "access":
+            result = {"rc": manager.access(ctx, rest[0], rest[1:], immediate=True)}
         elif op == "stop":
             result = {"state": manager.stop(ctx, rest[0], force=True)["state"]}
         else:

@@ -258,6 +258,16 @@ def test_alice_access_sees_her_services_as_herself(alice_session, users):
     assert written.read_text() == "from-access\n" and os.stat(written).st_uid == alice.pw_uid
 
 
+def test_root_never_opens_an_access_for_alice(alice_session, users):
+    s = alice_session
+    r = s["root_for_alice"]("access", s["session"], "true", check=False)
+    assert r.returncode == 2, r.stderr
+    assert (
+        f"runs as the user in their own terminal: this process runs as root, not as {users['alice'].pw_name}"
+        in r.stderr
+    )
+
+
 def test_root_submits_for_alice_only_with_her_token(alice_session, users):
     alice, bob = users["alice"], users["bob"]
     s, work = alice_session, alice_session["work"]
