@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -350,15 +351,31 @@ def _final(state: str | None) -> bool:
     return state is not None and (state in slurm.TERMINAL_STATES or state in (SKIPPED, NOT_SUBMITTED))
 
 
+_PROGRESS_MAX = 1 << 20
+
+
 def read_progress(path: str | None) -> dict[str, Any] | None:
-    """The data mover's progress file, if it wrote one."""
+    """The data mover's progress file, if it wrote one (a plain file of its own, else None).
+
+    The instance directory belongs to the job's user, who could plant there a symlink or a hard
+    link to a file only the reader may read (root, for a site service): such a file is never read.
+    """
     if not path:
         return None
     try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
         return None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size > _PROGRESS_MAX:
+            return None
+        data = fh.read(_PROGRESS_MAX + 1)
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def refresh(ctx, session: dict[str, Any]) -> dict[str, Any]:

@@ -155,3 +155,24 @@ def test_a_covered_ancestor_keeps_showing_its_entries(tmp_path):
     assert r.stdout.split("] ", 1)[1].split() == ["kept", "file", "data"]
     assert "'new'" in r.stdout and "'data'" in r.stdout
     assert sorted(os.listdir(ancestor)) == ["data", "file", "link"]  # nothing changed outside
+
+
+def test_progress_is_read_only_from_a_plain_file_of_its_own(tmp_path):
+    from iosea_wf.steps import read_progress
+
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"sessions": "of every user"}')
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    good = job_dir / "good.json"
+    good.write_text('{"files_done": 1}')
+    assert read_progress(str(good)) == {"files_done": 1}
+    (job_dir / "sym.json").symlink_to(secret)
+    os.link(secret, job_dir / "hard.json")
+    assert read_progress(str(job_dir / "sym.json")) is None
+    assert read_progress(str(job_dir / "hard.json")) is None
+    os.mkfifo(job_dir / "fifo.json")
+    assert read_progress(str(job_dir / "fifo.json")) is None  # and does not block
+    (job_dir / "list.json").write_text("[1]")
+    assert read_progress(str(job_dir / "list.json")) is None
+    assert read_progress(str(job_dir / "missing.json")) is None
