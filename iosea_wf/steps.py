@@ -33,19 +33,26 @@ SUBMIT_GIVE_UP_S = 300.0
 
 def _instance_dir(
     state_dir: Path, session: dict[str, Any], step: str, instance: int, who: slurm.OnBehalf | None = None
-) -> Path:
+) -> tuple[Path, Path]:
+    """(directory of the instance's scripts, directory its jobs write their output and progress to).
+
+    For a user root submits for, the jobs (the user's) write into ``out/``, given to the user;
+    the scripts stay in root's directory, which the user can pass through but not change: sbatch
+    reads them as root, so a file the user could swap would let root submit any file it can read.
+    """
     d = state_dir / "jobs" / session["id"] / f"{step}.{instance}"
     d.mkdir(parents=True, exist_ok=True)
-    if who is not None:
-        # The jobs run as the user and write their output and progress files here: the parents
-        # (the state directory included) must let the user through, never list or read them.
-        for parent in (d.parent, d.parent.parent, Path(state_dir)):
-            mode = parent.stat().st_mode & 0o7777
-            if mode & 0o011 != 0o011:
-                parent.chmod(mode | 0o011)
-        os.chown(d, who.uid, who.gid)
-        d.chmod(0o700)
-    return d
+    if who is None:
+        return d, d
+    # The state directory and the ones down to the instance: passable, never listable or readable.
+    for parent in (d, d.parent, d.parent.parent, Path(state_dir)):
+        mode = parent.stat().st_mode & 0o7777
+        if mode & 0o011 != 0o011:
+            parent.chmod(mode | 0o011)
+    out = d / "out"
+    out.mkdir(mode=0o700, exist_ok=True)
+    os.chown(out, who.uid, who.gid, follow_symlinks=False)
+    return d, out
 
 
 def _attached_services(session: dict[str, Any], step_def) -> list[dict[str, Any]]:
@@ -83,7 +90,7 @@ def plan_run(
         )
     site = ctx.site_of(session)
     instance = 1 + max((s["instance"] for s in session.get("steps", []) if s["name"] == step), default=0)
-    workdir = _instance_dir(ctx.store.state_dir, session, step, instance, who)
+    workdir, outdir = _instance_dir(ctx.store.state_dir, session, step, instance, who)
     base = f"iosea.{session['name']}.{step}.{instance}"
     attached = _attached_services(session, step_def)
     attach_mode = site.variables.get("iosea_service_attach", "env")
@@ -103,14 +110,14 @@ def plan_run(
             target = os.path.join(user_dir, tier_dir(session), svc["name"])
             label = f"{dm_name}.{svc['name']}"
             script = workdir / f"mover.{label}.sh"
-            progress = workdir / f"mover.{label}.progress.json" if tier.tool == "builtin" else None
+            progress = outdir / f"mover.{label}.progress.json" if tier.tool == "builtin" else None
             jobs.mover_script(
                 script, tool, dm.operation, svc["namespace"], target, list(dm.elements), progress
             )
             argv = jobs.mover_argv(
                 partition=site.datanodes_partition,
                 job_name=f"{base}.dm.{dm_name}",
-                output=workdir / f"mover.{label}.out",
+                output=outdir / f"mover.{label}.out",
                 script=script,
                 cwd=cwd,
             )
@@ -125,7 +132,7 @@ def plan_run(
                     "target": dm.target,
                     "target_path": target,
                     "progress_file": str(progress) if progress else None,
-                    "output": str(workdir / f"mover.{label}.out"),
+                    "output": str(outdir / f"mover.{label}.out"),
                     "job_id": None,
                     "state": None,
                     "exit_code": None,
