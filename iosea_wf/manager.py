@@ -44,6 +44,11 @@ class Context:
     state_dir: str | None = None
     user: str = field(default_factory=current_user)
     verbose: bool = False
+    # The caller's Slurm token (scontrol token) for work done on their behalf: never logged or stored.
+    slurm_jwt: str | None = field(default=None, repr=False)
+    # Files the caller read with their own rights and sent (a step's batch script, by the name the
+    # WDF gives it): a service never reads a user's files itself.
+    sent_files: dict[str, bytes] = field(default_factory=dict, repr=False)
     _site: Site | None = None
     _store: st.Store | None = None
 
@@ -90,11 +95,23 @@ def wdf_variables(
     return values
 
 
-def validate(ctx: Context, workflow_path: str, variables: dict[str, str], session: str | None = None):
-    """Load and validate a WDF against the site; return the Workflow or raise WDFError."""
+def validate(
+    ctx: Context,
+    workflow_path: str,
+    variables: dict[str, str],
+    session: str | None = None,
+    *,
+    text: str | None = None,
+):
+    """Load and validate a WDF against the site; return the Workflow or raise WDFError.
+
+    ``text`` is the WDF as the caller read it (``workflow_path`` then only names it).
+    """
     from .wdf import load_wdf
 
-    return load_wdf(workflow_path, wdf_variables(ctx.user, workflow_path, session, variables), ctx.site)
+    return load_wdf(
+        workflow_path, wdf_variables(ctx.user, workflow_path, session, variables), ctx.site, text=text
+    )
 
 
 def show(ctx: Context, what: str) -> list[dict[str, Any]]:
@@ -275,12 +292,18 @@ def start(
     session: str | None,
     variables: dict[str, str],
     progress: Progress = _quiet,
+    *,
+    text: str | None = None,
+    resolved: str | None = None,
 ) -> dict[str, Any]:
-    """Validate the WDF, record the session and provision every ephemeral service; return the session."""
+    """Validate the WDF, record the session and provision every ephemeral service; return the session.
+
+    ``text`` and ``resolved`` are the WDF as the caller read it and its absolute path there.
+    """
     if not workflow_path:
         raise UsageError("WORKFLOW= is mandatory (the Workflow Description File, e.g. WORKFLOW=wdf.yaml)")
     name = check_session_name(session)
-    workflow = validate(ctx, workflow_path, variables, session=name)
+    workflow = validate(ctx, workflow_path, variables, session=name, text=text)
     site = ctx.site
     session_id = st.new_session_id()
     now = time.time()
@@ -307,7 +330,7 @@ def start(
             "name": name,
             "owner": ctx.user,
             "workflow": workflow.name,
-            "wdf_path": str(Path(workflow_path).resolve()),
+            "wdf_path": resolved or str(Path(workflow_path).resolve()),
             "wdf": workflow.to_dict(),
             "site": str(site.path),
             "site_snapshot": site.to_dict(),
