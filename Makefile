@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv with iosea-wf (editable) and every dependency
+	@# tests/integration/test_package.py makes a venv from Debian's python3, which needs python3-venv.
+	@/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || apt-get install -y -q python3-venv
 	@# Byte-compile the package as a wheel install would: where PYTHONDONTWRITEBYTECODE is set,
 	@# every command would otherwise compile each module it imports (~70 ms per iosea-wf-mover).
 	@$(BIN)/python -m compileall -q iosea_wf
@@ -45,7 +47,9 @@ molecule: install  ## every role's Molecule scenario
 	done
 
 test: install lint site molecule  ## lint, bring the local site up, run the whole suite
-	IOSEA_WF_REQUIRE_SITE=1 $(BIN)/pytest -q tests
+	@# Coverage is of the test processes only (the in-process CLI calls most tests make); the
+	@# iosea-wf processes some tests spawn, and Slurm jobs, are not measured.
+	IOSEA_WF_REQUIRE_SITE=1 $(BIN)/pytest -q --cov=iosea_wf --cov-report=term tests
 
 demo: install site  ## bring the local site up and run the example workflow end to end
 	bash examples/demo.sh
@@ -54,5 +58,5 @@ bench: install site  ## every benchmark under bench/
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:  ## remove the venv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .coverage build iosea_wf.egg-info
 	find iosea_wf tests bench -name __pycache__ -prune -exec rm -rf {} +

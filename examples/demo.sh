@@ -29,7 +29,11 @@ say "Start the session: one nfs-ganesha export per service, on the local datanod
 run iosea-wf start WORKFLOW="$wdf" SESSION="$session" NS1="$data/ns1" NS2="$data/ns2"
 url=$(iosea-wf status SESSION="$session" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["services"][0]["url"])')
 say "A real NFS client reads ES1 through its URL"
-run nfs-ls "$url/gauges"
+# The URL carries the export's port as a query string (nfs://HOST/EXPORT?nfsport=N): a path inside
+# the export goes before the query, not after it.
+base=${url%%\?*}
+query=${url#"$base"}
+run nfs-ls "$base/gauges$query"
 
 cd "$here"
 say "Run step_A (ES1 read-only) and wait"
@@ -50,7 +54,10 @@ tiers=$(iosea-wf show tiers --json | python3 -c 'import json,sys; print(" ".join
 say "Tiers after the run (flash: copied by step_start; tape: moved by step_stop)"
 for t in $tiers; do
   name=${t%%=*}; path=${t#*=}
-  [ -d "$path/$(id -un)/$session" ] && { echo "$name:"; (cd "$path/$(id -un)/$session" && find . -type f | sort); }
+  # A session's tier directory is NAME.ID (its name, then the start of its id).
+  for dir in "$path/$(id -un)/$session".*/; do
+    [ -d "$dir" ] && { echo "$name: $dir"; (cd "$dir" && find . -type f | sort); }
+  done
 done
 echo "ES2 gauges left in the namespace (moved to tape, so none):"
 ls "$data/ns2/gauges"

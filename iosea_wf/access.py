@@ -19,7 +19,7 @@ from typing import Any
 
 from . import jobs, slurm
 from . import store as st
-from .errors import SlurmError
+from .errors import SessionConflict, SlurmError
 from .manager import Context, Progress
 
 
@@ -44,8 +44,8 @@ def open_allocation(
     """
     if update_accesses is None:
 
-        def update_accesses(change):
-            _update_accesses(ctx, record["id"], change)
+        def update_accesses(change, require_active=False):
+            _update_accesses(ctx, record["id"], change, require_active=require_active)
 
     site = ctx.site_of(record)
     partition = partition or site.interactive_partition
@@ -86,7 +86,9 @@ def open_allocation(
         "state": None,
         "partition": partition,
     }
-    update_accesses(lambda acc: acc.append(entry))
+    # Recorded only if the session is still ACTIVE under the lock: a `stop` that began since
+    # `manager.access` looked either refuses this access or sees it and waits for it.
+    update_accesses(lambda acc: acc.append(entry), require_active=True)
     granted: dict[str, str] = {}
     done = threading.Event()
 
@@ -145,9 +147,21 @@ def _set(accesses: list[dict[str, Any]], token: str, **changes: Any) -> None:
             a.update(changes)
 
 
-def _update_accesses(ctx: Context, session_id: str, change: Callable[[list[dict[str, Any]]], None]) -> None:
+def _update_accesses(
+    ctx: Context,
+    session_id: str,
+    change: Callable[[list[dict[str, Any]]], None],
+    *,
+    require_active: bool = False,
+) -> None:
+    """Change the session's accesses in the current record, in one transaction."""
     with ctx.store.transaction() as tx:
-        current = dict(tx.sessions.get(st.Query().id == session_id))
+        found = tx.sessions.get(st.Query().id == session_id)
+        if found is None:
+            raise st.StoreError(f"session {session_id} vanished from the store")
+        current = dict(found)
+        if require_active and current["state"] != st.ACTIVE:
+            raise SessionConflict(f"session {current['name']!r} is {current['state']}, not ACTIVE: no access")
         accesses = [dict(a) for a in current.get("accesses", [])]
         change(accesses)
         current["accesses"] = accesses

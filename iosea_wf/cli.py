@@ -26,6 +26,16 @@ ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
 EXIT_TABLE = "exit codes:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES.items())
 
 
+def _version() -> str:
+    """The installed distribution's version (what pip installed, not a copy kept in the code)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("iosea-wf")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so one place maps errors to exit codes."""
 
@@ -103,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EXIT_TABLE,
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -354,6 +365,7 @@ def _print_session(s: dict[str, Any]) -> None:
                     i["job_id"],
                     i["exit_code"],
                     i.get("reason") or "",
+                    "",
                 ]
             )
             for m in i["datamovers"]:
@@ -365,9 +377,10 @@ def _print_session(s: dict[str, Any]) -> None:
                         m["job_id"],
                         m["exit_code"],
                         _progress_text(m.get("progress")) or m.get("reason") or "",
+                        m.get("target_path"),
                     ]
                 )
-        _table("steps", ["step", "what", "state", "job", "exit", "detail"], rows)
+        _table("steps", ["step", "what", "state", "job", "exit", "detail", "target path"], rows)
     if s.get("accesses"):
         _table(
             "interactive access",

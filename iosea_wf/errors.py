@@ -17,6 +17,7 @@ EXIT_CONFLICT = 5  # the session's state forbids it (exists already, not active,
 EXIT_RESOURCES = 6  # the datanodes cannot hold what is asked
 EXIT_ORCHESTRATION = 7  # provisioning or tearing down a service failed
 EXIT_SLURM = 8  # Slurm refused or is unreachable
+EXIT_STORE = 9  # the state directory or its session store cannot be used
 EXIT_UNREACHABLE = 10  # the site's Workflow Manager service cannot be reached
 EXIT_UNAUTHENTICATED = 11  # the Workflow Manager service did not accept who is calling
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -30,7 +31,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_CONFLICT: "the session's state forbids the command (duplicate name, not active, ...)",
     EXIT_RESOURCES: "not enough datanode resources for the requested services",
     EXIT_ORCHESTRATION: "provisioning or tearing down an ephemeral service failed",
-    EXIT_SLURM: "Slurm refused the request or is unreachable",
+    EXIT_SLURM: "Slurm refused the request (e.g. sbatch rejected a job) or is unreachable",
+    EXIT_STORE: "the state directory or its session store cannot be used (unwritable, corrupt)",
     EXIT_UNREACHABLE: "the site's Workflow Manager service cannot be reached",
     EXIT_UNAUTHENTICATED: "the Workflow Manager service refused the request as unauthenticated",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
@@ -106,6 +108,12 @@ class SlurmError(IoseaError):
     """Raised when a Slurm command fails or slurmctld cannot be reached."""
 
     exit_code = EXIT_SLURM
+
+
+class StoreError(IoseaError):
+    """Raised when the state directory or its database cannot be used."""
+
+    exit_code = EXIT_STORE
 
 
 class WorkFailed(IoseaError):

@@ -9,59 +9,213 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import UsageError
 
-# sbatch options that take no value (everything else long without "=" takes the next word).
-_SBATCH_FLAGS = {
-    "-h", "--help", "-H", "--hold", "--ignore-pbs", "-O", "--overcommit", "-Q", "--quiet", "--requeue",
-    "--no-requeue", "--parsable", "--test-only", "--usage", "-V", "--version", "-v", "--verbose",
-    "-W", "--wait", "--exclusive", "--contiguous", "--spread-job", "--use-min-nodes", "-k", "--no-kill",
-    "--reboot", "-s", "--oversubscribe", "--get-user-env", "--nice",
+# sbatch's options (Slurm 22.05, as its getopt table accepts them on this site): long name -> how
+# it takes a value: "required" (``--name=V`` or ``--name V``), "optional" (only ``--name=V``) or
+# "none". Measured with sbatch itself (``--test-only``, one probe per option).
+_REQUIRED = (
+    "account acctg-freq array batch bb bbf begin chdir cluster cluster-constraint clusters comment "
+    "constraint container context core-spec cores-per-socket cpu-freq cpus-per-gpu cpus-per-task "
+    "deadline delay-boot dependency distribution error exclude export export-file extra-node-info gid "
+    "gpu-bind gpu-freq gpus gpus-per-node gpus-per-socket gpus-per-task gres gres-flags hint input "
+    "job-name kill-on-invalid-dep licenses mail-type mail-user mcs-label mem mem-bind mem-per-cpu "
+    "mem-per-gpu mincpus network nodefile nodelist nodes ntasks ntasks-per-core ntasks-per-gpu "
+    "ntasks-per-node ntasks-per-socket ntasks-per-tres open-mode output partition power prefer "
+    "priority profile qos reservation signal sockets-per-node switches tasks-per-node thread-spec "
+    "threads-per-core time time-min tmp uid wait-all-nodes wckey wrap"
+)
+_NONE = (
+    "contiguous help hold ignore-pbs no-requeue overcommit oversubscribe parsable quiet reboot requeue "
+    "spread-job test-only usage use-min-nodes verbose version wait"
+)
+_OPTIONAL = "exclusive get-user-env nice no-kill propagate"
+SBATCH_OPTIONS: dict[str, str] = {
+    **dict.fromkeys(_REQUIRED.split(), "required"),
+    **dict.fromkeys(_NONE.split(), "none"),
+    **dict.fromkeys(_OPTIONAL.split(), "optional"),
+}
+# Short options and the long option each stands for; those in _SHORT_WITH_VALUE take a value.
+SBATCH_SHORT = {
+    "a": "array", "b": "begin", "c": "cpus-per-task", "d": "dependency", "e": "error", "i": "input",
+    "m": "distribution", "n": "ntasks", "o": "output", "p": "partition", "q": "qos", "t": "time",
+    "w": "nodelist", "x": "exclude", "A": "account", "B": "extra-node-info", "C": "constraint",
+    "D": "chdir", "F": "nodefile", "G": "gpus", "J": "job-name", "L": "licenses", "M": "clusters",
+    "N": "nodes", "S": "core-spec", "h": "help", "k": "no-kill", "s": "oversubscribe", "v": "verbose",
+    "H": "hold", "O": "overcommit", "Q": "quiet", "V": "version", "W": "wait",
 }  # fmt: skip
-# Options iosea-wf sets itself: a WDF command that gives them is refused, since the job would not be
-# tracked (--parsable, --wait) or would escape the session's placement (--dependency is ours).
-_RESERVED = {"--parsable", "-W", "--wait", "-d", "--dependency", "--test-only"}
+_SHORT_WITH_VALUE = set("abcdeimnopqtwxABCDFGJLMNS")
+
+# Options a WDF step command may not give, and why. iosea-wf sets some itself, the others would
+# make a job it cannot track or run as the session's owner.
+RESERVED_OPTIONS = {
+    "parsable": "iosea-wf sets it itself to read the job id",
+    "dependency": "iosea-wf sets it itself to chain the step after its data movers",
+    "job-name": "iosea-wf names the job after the session, step and instance",
+    "chdir": "the job runs in the directory `run` is called from",
+    "wait": "sbatch would block until the job ends instead of returning its id",
+    "test-only": "no job would be submitted",
+    "array": "a job array cannot be tracked as one step instance",
+    "clusters": "the job would run on another cluster, where iosea-wf cannot track it",
+    "cluster": "the job would run on another cluster, where iosea-wf cannot track it",
+    "uid": "the job runs as the session's owner",
+    "gid": "the job runs with the session owner's groups",
+    "help": "sbatch would print help and submit nothing",
+    "usage": "sbatch would print its usage and submit nothing",
+    "version": "sbatch would print its version and submit nothing",
+}
+_PARTITION_REASON = "the step gives a `location`, which chooses the partition"
 
 
-def parse_sbatch(command: str) -> tuple[list[str], list[str], str | None]:
-    """Split a WDF ``sbatch ...`` command into (sbatch options, script and its args, --wrap text)."""
-    words = shlex.split(command)
+class SbatchCommand(NamedTuple):
+    """A step command split by :func:`parse_sbatch`: options (``--name[=value]``), script, --wrap."""
+
+    options: list[str]
+    script_and_args: list[str]
+    wrap: str | None
+
+    def gives(self, name: str) -> bool:
+        """True if the options set the long option ``name``."""
+        return _gives(self.options, name)
+
+
+def _resolve(given: str, command: str) -> str:
+    """The long option ``given`` (without ``--``) stands for, as sbatch's getopt resolves prefixes."""
+    if given in SBATCH_OPTIONS:
+        return given
+    matches = [name for name in SBATCH_OPTIONS if name.startswith(given)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        # sbatch itself refuses an ambiguous prefix.
+        raise UsageError(
+            f"option --{given} of the step command is ambiguous: it could be "
+            + ", ".join(f"--{m}" for m in sorted(matches))
+        )
+    raise UsageError(f"sbatch has no option --{given} (step command {command!r})")
+
+
+def _check_option(name: str, spelled: str, command: str, *, location_given: bool) -> None:
+    reason = RESERVED_OPTIONS.get(name)
+    if reason is None and name == "partition" and location_given:
+        reason = _PARTITION_REASON
+    if reason is not None:
+        shown = spelled if spelled == f"--{name}" else f"{spelled} (that is --{name})"
+        raise UsageError(f"the step command cannot give {shown}: {reason}")
+
+
+def parse_sbatch(command: str, *, location_given: bool = False) -> SbatchCommand:
+    """Split and check a WDF ``sbatch ...`` command: the one place its options are judged.
+
+    ``validate``, ``start`` and ``run`` all come here, so a command ``run`` would refuse never
+    validates. Long options may be abbreviated as sbatch allows (``--depend`` is
+    ``--dependency``); the options come back as ``--name[=value]``. UsageError says why not.
+    """
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise UsageError(f"cannot split the step command into words: {exc}") from None
     if not words or words[0] != "sbatch":
-        raise UsageError(f"a step command must be an sbatch command, got {command!r}")
+        first = words[0] if words else ""
+        raise UsageError(
+            f"a step command must be an sbatch command, not {first!r}: the job of any other command "
+            "could not be tracked by the workflow manager"
+        )
     options: list[str] = []
     wrap = None
     i = 1
     while i < len(words):
         w = words[i]
+        if w == "--":
+            i += 1
+            break
         if not w.startswith("-") or w == "-":
             break
-        name = w.split("=", 1)[0]
-        if name in _RESERVED or (len(w) > 2 and not w.startswith("--") and w[:2] in _RESERVED):
-            raise UsageError(
-                f"step command option {name} is set by iosea-wf and cannot be given: {command!r}"
-            )
-        if name == "--wrap":
-            wrap = w.split("=", 1)[1] if "=" in w else words[i + 1]
-            i += 1 if "=" in w else 2
-            continue
-        options.append(w)
-        if "=" in w or name in _SBATCH_FLAGS or (not w.startswith("--") and len(w) > 2):
+        if w.startswith("--"):
+            given, eq, value = w[2:].partition("=")
+            name = _resolve(given, command)
+            _check_option(name, f"--{given}", command, location_given=location_given)
+            kind = SBATCH_OPTIONS[name]
+            if kind == "none" and eq:
+                raise UsageError(f"option --{name} of the step command takes no value: {command!r}")
+            if kind == "required" and not eq:
+                if i + 1 >= len(words):
+                    raise UsageError(f"option --{name} of the step command needs a value: {command!r}")
+                value, eq = words[i + 1], "="
+                i += 1
             i += 1
         else:
-            if i + 1 >= len(words):
-                raise UsageError(f"option {w} of the step command needs a value: {command!r}")
-            options.append(words[i + 1])
-            i += 2
+            # A cluster of short options (-vQ), the last of which may take a value (-N2, -N 2).
+            j, name, eq, value = 1, "", "", ""
+            while j < len(w):
+                letter = w[j]
+                if letter not in SBATCH_SHORT:
+                    raise UsageError(f"sbatch has no option -{letter} (step command {command!r})")
+                name = SBATCH_SHORT[letter]
+                _check_option(name, f"-{letter}", command, location_given=location_given)
+                j += 1
+                if letter in _SHORT_WITH_VALUE:
+                    if j < len(w):
+                        value, eq = w[j:], "="
+                    elif i + 1 < len(words):
+                        value, eq = words[i + 1], "="
+                        i += 1
+                    else:
+                        raise UsageError(f"option -{letter} of the step command needs a value: {command!r}")
+                    break
+                if j < len(w):
+                    options.append(f"--{name}")
+            i += 1
+        if name == "wrap":
+            wrap = value
+        else:
+            options.append(f"--{name}={value}" if eq else f"--{name}")
     rest = words[i:]
+    if ":" in rest[:1]:
+        raise UsageError(f"heterogeneous jobs (':' between option groups) are not supported: {command!r}")
+    if wrap is not None and rest:
+        raise UsageError(f"the step command gives both --wrap and a batch script: {command!r}")
     if wrap is None and not rest:
         raise UsageError(f"the step command names no batch script: {command!r}")
-    return options, rest, wrap
+    return SbatchCommand(options, rest, wrap)
+
+
+# In a script's #SBATCH lines, options iosea-wf also gives on the command line are overridden by
+# it (sbatch: the command line wins); the others would still break tracking.
+_OVERRIDDEN_IN_SCRIPT = {"parsable", "job-name", "chdir", "partition"}
+
+
+def check_directives(directives: list[str], script: str) -> None:
+    """Refuse ``#SBATCH`` lines of the step's script that give a reserved option (UsageError)."""
+    for line in directives:
+        try:
+            words = shlex.split(line[len("#SBATCH") :], comments=True)
+        except ValueError:
+            continue  # sbatch reports its own directives' syntax
+        for w in words:
+            if not w.startswith("-") or w == "-":
+                continue
+            if w.startswith("--"):
+                try:
+                    names = [_resolve(w[2:].split("=", 1)[0], line)]
+                except UsageError:
+                    continue  # not ours to judge: sbatch says what is wrong with it
+            else:
+                names = [SBATCH_SHORT[c] for c in w[1:2] if c in SBATCH_SHORT]
+            for name in names:
+                if name in RESERVED_OPTIONS and name not in _OVERRIDDEN_IN_SCRIPT:
+                    raise UsageError(
+                        f"the step's batch script {script} has '{line}': {w} cannot be given "
+                        f"({RESERVED_OPTIONS[name]})"
+                    )
 
 
 def _gives(options: list[str], *names: str) -> bool:
-    return any(o.split("=", 1)[0] in names or (len(o) > 2 and o[:2] in names) for o in options)
+    """True if ``options`` (as :func:`parse_sbatch` returns them) set any of the long ``names``."""
+    wanted = {n.lstrip("-") for n in names}
+    return any(o[2:].split("=", 1)[0] in wanted for o in options)
 
 
 def env_name(service: str) -> str:
@@ -151,6 +305,7 @@ def write_step_script(
         if not script.is_file():
             raise UsageError(f"the step's batch script {script} does not exist")
         directives = _directives(script)
+        check_directives(directives, str(script))
         command = [*_interpreter(script), str(script), *script_and_args[1:]]
     lines = [
         "#!/bin/bash",
@@ -166,7 +321,7 @@ def write_step_script(
 def step_argv(options: list[str], *, partition: str, job_name: str, cwd: str, script: Path) -> list[str]:
     """The sbatch argument list of the step job (the user's options first, then ours)."""
     argv = ["sbatch", "--parsable", *options]
-    if not _gives(options, "-p", "--partition"):
+    if not _gives(options, "partition"):
         argv.append(f"--partition={partition}")
     argv += [f"--job-name={job_name}", f"--chdir={cwd}", str(script)]
     return argv

@@ -33,7 +33,7 @@ from .site import Site, load_site, site_path
 Progress = Callable[[str], None]
 
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-BUILTIN_VARIABLES = ("SESSION", "USER", "WORKFLOW")
+BUILTIN_VARIABLES = ("SESSION", "USER", "WORKFLOW", "STEP")
 
 
 @dataclass
@@ -84,12 +84,24 @@ def _quiet(_: str) -> None:
 def wdf_variables(
     user: str, workflow_path: str, session: str | None, given: dict[str, str]
 ) -> dict[str, str]:
-    """The variables a WDF sees: the built-ins, then those given on the command line."""
+    """The variables a WDF sees: the built-ins, then those given on the command line.
+
+    A value from the command line is data: one holding ``{{``, ``{%`` or ``{#`` is refused, as in
+    the WDF itself (STEP is built in too, but only inside a step: see wdf.load).
+    """
     from .wdf import SESSION_PLACEHOLDER
+    from .wdf.variables import template_opener
 
     clash = sorted(set(given) & set(BUILTIN_VARIABLES))
     if clash:
         raise UsageError(f"{', '.join(clash)} is built in and cannot be given as a variable")
+    for name, value in {"WORKFLOW": workflow_path, "SESSION": session or "", **given}.items():
+        opener = template_opener(str(value))
+        if opener is not None:
+            raise UsageError(
+                f"variable {name}: its value contains {opener!r}; a value given on the command line "
+                "is data, never a template"
+            )
     values = {"USER": user, "WORKFLOW": workflow_path, "SESSION": session or SESSION_PLACEHOLDER}
     values.update(given)
     return values
@@ -109,6 +121,8 @@ def validate(
     """
     from .wdf import load_wdf
 
+    if session:
+        check_session_name(session)
     return load_wdf(
         workflow_path, wdf_variables(ctx.user, workflow_path, session, variables), ctx.site, text=text
     )
@@ -167,26 +181,26 @@ def _service_modules(workflow, service_name: str) -> set[str]:
     return modules
 
 
-def _place_services(tx: st.Transaction, site: Site, workflow, session_id: str, user: str, session: str):
-    """Choose a datanode per service and allocate its resources, all or nothing (under the lock)."""
+def place_services(site: Site, workflow, used_on: Callable[[str], dict[str, int]]) -> list[tuple]:
+    """(service, datanode, resources) for every service, given what each datanode already uses.
+
+    Pure: ``used_on(datanode)`` says what is allocated there; ResourcesUnavailable if one fits
+    nowhere. start calls it under the store lock; the property tests call it with nothing used.
+    """
     planned: dict[str, dict[str, int]] = {}  # datanode -> extra use planned in this start
     placements = []
     for service in workflow.services.values():
         need = _needed_resources(site, service)
         modules = _service_modules(workflow, service.name)
-        pinned = service.attributes.get("datanodes")
-        candidates = [
-            d
-            for d in site.datanodes.values()
-            if modules <= set(d.modules) and (not pinned or d.name in pinned)
-        ]
+        # `datanodes` is a count (validated: 1 for the types offered today), not a choice of names.
+        candidates = [d for d in site.datanodes.values() if modules <= set(d.modules)]
         if not candidates:
             raise ResourcesUnavailable(
                 f"service {service.name}: no datanode serves the module(s) {', '.join(sorted(modules))}"
             )
         best, shortfalls = None, []
         for d in candidates:
-            used = tx.used_on(d.name)
+            used = used_on(d.name)
             extra = planned.get(d.name, {"cores": 0, "memory_mb": 0, "storage_gb": 0})
             free = {
                 "cores": d.cores - used["cores"] - extra["cores"],
@@ -209,6 +223,12 @@ def _place_services(tx: st.Transaction, site: Site, workflow, session_id: str, u
         for k, _unit in _UNITS:
             extra[k] += need[k]
         placements.append((service, datanode, need))
+    return placements
+
+
+def _place_services(tx: st.Transaction, site: Site, workflow, session_id: str, user: str, session: str):
+    """Choose a datanode per service and allocate its resources, all or nothing (under the lock)."""
+    placements = place_services(site, workflow, tx.used_on)
     for service, datanode, need in placements:
         tx.allocate(
             {
@@ -263,6 +283,32 @@ def _service_record(site: Site, user: str, session: str, session_id: str, servic
         "mount_port": mount_port,
         "url": _nfs_url(datanode.address, namespace, port, mount_port),
         "error": None,
+    }
+
+
+def session_record(
+    site: Site, workflow, workflow_path: str, user: str, name: str, session_id: str, placements, now: float
+) -> dict[str, Any]:
+    """The record start stores for a new session (state STARTING), from its placements. Pure."""
+    return {
+        "id": session_id,
+        "name": name,
+        "owner": user,
+        "workflow": workflow.name,
+        "wdf_path": str(Path(workflow_path).resolve()),
+        "wdf": workflow.to_dict(),
+        "site": str(site.path),
+        "site_snapshot": site.to_dict(),
+        "state": st.STARTING,
+        "pid": os.getpid(),
+        "host": os.uname().nodename,
+        "created_at": now,
+        "updated_at": now,
+        "services": [_service_record(site, user, name, session_id, s, d, n) for s, d, n in placements],
+        "steps": [],
+        "runs": [],
+        "error": None,
+        "resources_left": True,
     }
 
 
@@ -325,28 +371,9 @@ def start(
                         f"by session {other['name']!r} of {other['owner']} (service {svc['name']})"
                     )
         placements = _place_services(tx, site, workflow, session_id, ctx.user, name)
-        record = {
-            "id": session_id,
-            "name": name,
-            "owner": ctx.user,
-            "workflow": workflow.name,
-            "wdf_path": resolved or str(Path(workflow_path).resolve()),
-            "wdf": workflow.to_dict(),
-            "site": str(site.path),
-            "site_snapshot": site.to_dict(),
-            "state": st.STARTING,
-            "pid": os.getpid(),
-            "host": os.uname().nodename,
-            "created_at": now,
-            "updated_at": now,
-            "services": [
-                _service_record(site, ctx.user, name, session_id, s, d, n) for s, d, n in placements
-            ],
-            "steps": [],
-            "runs": [],
-            "error": None,
-            "resources_left": True,
-        }
+        record = session_record(
+            site, workflow, resolved or workflow_path, ctx.user, name, session_id, placements, now
+        )
         tx.put_session(record)
 
     if not record["services"]:
@@ -473,42 +500,64 @@ def stop(
     """Wait for the session's jobs (or cancel them with ``force``), then tear every service down."""
     from . import slurm, steps
 
-    record = find_session(ctx, session)
-    if record["state"] == st.STOPPED or (record["state"] == st.FAILED and not record.get("resources_left")):
-        raise SessionConflict(f"session {record['name']!r} is already {record['state']}: nothing to stop")
-    same_host = record.get("host") == os.uname().nodename
-    if record["state"] == st.STARTING and same_host and alive(record.get("pid")) and not force:
-        raise SessionConflict(
-            f"session {record['name']!r} is still starting (process {record['pid']}); "
-            "wait for it, or use --force to tear it down anyway"
-        )
-    if record["state"] == st.STARTING and record.get("start_run"):
+    name = check_session_name(session)
+    with ctx.store.transaction() as tx:
+        # Checked and marked STOPPING in one transaction: a `run` after this is refused.
+        record = tx.session(ctx.user, name)
+        if record is None:
+            raise SessionNotFound(
+                f"user {ctx.user} has no session named {name!r} (see `iosea-wf list --all`)"
+            )
+        record = dict(record)
+        state = record["state"]
+        if state == st.STOPPED or (state == st.FAILED and not record.get("resources_left")):
+            raise SessionConflict(f"session {record['name']!r} is already {state}: nothing to stop")
+        same_host = record.get("host") == os.uname().nodename
+        if state == st.STARTING and same_host and alive(record.get("pid")) and not force:
+            raise SessionConflict(
+                f"session {record['name']!r} is still starting (process {record['pid']}); "
+                "wait for it, or use --force to tear it down anyway"
+            )
+        record["state"] = st.STOPPING
+        record["updated_at"] = time.time()
+        tx.put_session(record)
+    if state == st.STARTING and record.get("start_run"):
         from .orchestrator import end_orphaned_run
 
         if end_orphaned_run(ctx.store.state_dir, record["start_run"]):
             progress(f"session {record['name']}: ended the provisioning its dead start left running")
-    if steps.active_jobs(record) or steps.starting_accesses(record):
-        record = ctx.store.update_session(record["id"], state=st.STOPPING)
-        said, cancelled = None, set()
-        while True:
-            # Re-read each time: an access records its job id from its own process.
-            record = steps.refresh(ctx, find_session(ctx, record["name"]))
-            active = steps.active_jobs(record)
-            if force and set(active) - cancelled:
-                ids = sorted(set(active) - cancelled)
-                progress(f"session {record['name']}: cancelling {len(ids)} job(s): {' '.join(ids)}")
-                slurm.cancel(ids)
-                cancelled.update(ids)
-            waiting = active + [f"access (pid {a['pid']})" for a in steps.starting_accesses(record)]
-            if not waiting:
-                break
-            if said != waiting:
-                progress(f"session {record['name']}: waiting for job(s) {' '.join(waiting)} to end")
-                said = waiting
-            time.sleep(poll)
+    said, cancelled = None, set()
+    while True:
+        # Re-read each time: an access records its job id from its own process, a `run` in
+        # flight its job ids from its own.
+        record = steps.refresh(ctx, _session_by_id(ctx, record["id"]))
+        if steps.end_abandoned(ctx, record):
+            continue
+        active = steps.active_jobs(record)
+        if force and set(active) - cancelled:
+            ids = sorted(set(active) - cancelled)
+            progress(f"session {record['name']}: cancelling {len(ids)} job(s): {' '.join(ids)}")
+            slurm.cancel(ids)
+            cancelled.update(ids)
+        waiting = active + [f"access (pid {a['pid']})" for a in steps.starting_accesses(record)]
+        waiting += [f"submission of {i['name']}#{i['instance']}" for i in steps.submitting(record)]
+        if not waiting:
+            break
+        if said != waiting:
+            progress(f"session {record['name']}: waiting for job(s) {' '.join(waiting)} to end")
+            said = waiting
+        time.sleep(poll)
     progress(f"session {record['name']}: stopping {len(record['services'])} service(s)")
     record = ctx.store.update_session(record["id"], state=st.STOPPING)
     return _teardown(ctx, record, progress, final=st.STOPPED)
+
+
+def _session_by_id(ctx: Context, session_id: str) -> dict[str, Any]:
+    with ctx.store.transaction(shared=True) as tx:
+        record = tx.sessions.get(st.Query().id == session_id)
+    if record is None:
+        raise st.StoreError(f"session {session_id} vanished from the store")
+    return dict(record)
 
 
 def list_sessions(ctx: Context, *, include_ended: bool = False) -> list[dict[str, Any]]:
@@ -557,6 +606,8 @@ def status(ctx: Context, session: str | None) -> dict[str, Any]:
     if steps.active_jobs(record):
         record = steps.refresh(ctx, record)
     summary = session_summary(record)
+    # The id tells apart sessions of a reused name (it is part of their tier directories).
+    summary["id"] = record["id"]
     summary["steps"] = [steps.view(i) for i in record.get("steps", [])]
     summary["accesses"] = [
         {

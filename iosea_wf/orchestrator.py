@@ -1,9 +1,10 @@
 """The orchestrator's entry point: the ONLY module that calls Ansible (through ansible-runner).
 
 Each call runs one playbook of ``playbooks/`` against the site inventory, in its own
-``private_data_dir`` under the state directory, with an ident naming the session and the action.
-Variables are passed as dicts, never as command strings. Events stream back to a callback while the
-run goes on; failures are turned into one readable message per host.
+``private_data_dir`` under the state directory, with an ident naming the session and the action;
+the directories of finished runs are pruned to the newest :data:`KEEP_RUNS`. Variables are passed
+as dicts, never as command strings. Events stream back to a callback while the run goes on;
+failures are turned into one readable message per host.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -18,13 +20,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .errors import OrchestrationError
 from .procs import alive
-from .site import PACKAGE_ROOT
+from .site import DATA_DIR
 from .warm_playbook import idle_seconds
 
-PLAYBOOKS_DIR = PACKAGE_ROOT / "playbooks"
-ROLES_DIR = PACKAGE_ROOT / "roles"
+PLAYBOOKS_DIR = DATA_DIR / "playbooks"
+ROLES_DIR = DATA_DIR / "roles"
+
+# How many finished runs keep their private directory (events, stdout) under state_dir/runs for
+# debugging. ansible-runner's own rotate_artifacts only rotates inside ONE private_data_dir, and
+# there it races: concurrent runs (`run` while `status` ...) list and rmtree the same directories.
+# Each run keeps its own directory instead (end_orphaned_run finds a run's processes by its path)
+# and old finished ones are pruned here, tolerating a concurrent prune.
+KEEP_RUNS = 20
+# A run directory that never got a final status (its runner was killed) is pruned after this long:
+# no playbook of iosea-wf runs for a day.
+STALE_RUN_SECONDS = 24 * 3600
 
 # Tasks whose result a role reports back to Python, and the event kind each becomes:
 # a service role's last task when its service answers (roles/nfs_service), and the job ids of a
@@ -39,6 +53,8 @@ class HostOutcome:
     ok: bool = True
     message: str = ""
     results: dict[str, Any] = field(default_factory=dict)
+    # True when the failure is Slurm's refusal of a job (sbatch answered an error), not Ansible's.
+    refused_by_slurm: bool = False
 
 
 @dataclass
@@ -56,6 +72,11 @@ class PlaybookResult:
         """True when the run succeeded on every host."""
         return self.status == "successful" and all(h.ok for h in self.hosts.values())
 
+    @property
+    def refused_by_slurm(self) -> bool:
+        """True when a host failed because Slurm refused a job (roles/slurm_job's sbatch_refused)."""
+        return any(not h.ok and h.refused_by_slurm for h in self.hosts.values())
+
 
 EventCallback = Callable[[str, str, dict[str, Any]], None]
 
@@ -70,6 +91,108 @@ def _failure_message(res: dict[str, Any]) -> str:
                 text = f"{text}: {str(res['stderr']).strip()}"
             return text.splitlines()[-1] if len(text) > 2000 else text
     return "failed without a message"
+
+
+def handle_event(
+    event: dict[str, Any], hosts: dict[str, HostOutcome], on_event: EventCallback | None = None
+) -> None:
+    """Fold one ansible-runner event into ``hosts`` and tell ``on_event`` what it means for a host."""
+    kind = event.get("event", "")
+    data = event.get("event_data") or {}
+    host = data.get("host") or ""
+    res = data.get("res") or {}
+    if kind == "runner_on_ok" and data.get("task") in REPORT_TASKS:
+        outcome = hosts.setdefault(host, HostOutcome())
+        outcome.results = res.get("msg") if isinstance(res.get("msg"), dict) else {"msg": res.get("msg")}
+        if on_event:
+            on_event(host, REPORT_TASKS[data["task"]], outcome.results)
+    elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
+        outcome = hosts.setdefault(host, HostOutcome())
+        outcome.ok = False
+        outcome.message = f"{data.get('task', 'a task')}: {_failure_message(res)}"
+        outcome.refused_by_slurm = bool(res.get("sbatch_refused"))
+        if on_event:
+            on_event(
+                host, "failed" if kind == "runner_on_failed" else "unreachable", {"msg": outcome.message}
+            )
+    elif kind == "runner_on_ok" and host:
+        hosts.setdefault(host, HostOutcome())
+
+
+def prune_runs(state_dir: Path, keep: int | None = None, now: float | None = None) -> list[str]:
+    """Delete old run directories under ``state_dir/runs``; return the ones removed.
+
+    Finished runs (ansible-runner wrote their ``status``) beyond the newest ``keep`` (default
+    :data:`KEEP_RUNS`) go, and so do unfinished ones older than :data:`STALE_RUN_SECONDS`; a run in
+    progress is never touched.
+    """
+    keep = KEEP_RUNS if keep is None else keep
+    now = time.time() if now is None else now
+    try:
+        entries = [e for e in os.scandir(Path(state_dir) / "runs") if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+    finished: list[tuple[float, str]] = []
+    doomed: list[str] = []
+    for entry in entries:
+        try:
+            finished.append(
+                (os.stat(Path(entry.path, "artifacts", entry.name, "status")).st_mtime, entry.path)
+            )
+        except FileNotFoundError:
+            with contextlib.suppress(FileNotFoundError):  # pruned meanwhile by another process
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_RUN_SECONDS:
+                    doomed.append(entry.path)
+    finished.sort()
+    doomed += [path for _, path in finished[: max(0, len(finished) - keep)]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return sorted(doomed)
+
+
+class _UntrustedDumper(yaml.SafeDumper):
+    """A YAML dumper that tags every string ``!unsafe``: Ansible then never renders it as a template."""
+
+
+def _represent_untrusted(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    # Double quotes escape every control character, so the value reads back exactly.
+    return dumper.represent_scalar("!unsafe", value, style='"')
+
+
+def _represent_mapping(dumper: yaml.SafeDumper, value: dict) -> yaml.MappingNode:
+    # Keys are variable and field names: plain, so Ansible looks them up as usual.
+    pairs = [
+        (yaml.ScalarNode("tag:yaml.org,2002:str", str(k), style='"'), dumper.represent_data(v))
+        for k, v in value.items()
+    ]
+    return yaml.MappingNode("tag:yaml.org,2002:map", pairs, flow_style=False)
+
+
+def _represent_sequence(dumper: yaml.SafeDumper, value: list | tuple) -> yaml.SequenceNode:
+    return dumper.represent_list(list(value))
+
+
+# Exact types first (SafeDumper's own would win), then subclasses: values read from the site
+# inventory or the store may be str/dict subclasses.
+for _type, _represent in (
+    (str, _represent_untrusted),
+    (dict, _represent_mapping),
+    (list, _represent_sequence),
+    (tuple, _represent_sequence),
+):
+    _UntrustedDumper.add_representer(_type, _represent)
+    _UntrustedDumper.add_multi_representer(_type, _represent)
+
+
+def untrusted_extravars(extravars: dict[str, Any]) -> str:
+    """``extravars`` as the YAML of ansible-runner's ``env/extravars``, every string tagged ``!unsafe``.
+
+    ansible-core 2.19 trusts what it reads from a vars file (ansible-runner passes
+    ``-e @env/extravars``) and renders any ``{{ }}`` in it when a role uses the value. Everything
+    here comes from users (names, paths, commands), so none of it may ever be a template, even one
+    that slipped past validation. Keys are our own names and stay plain.
+    """
+    return yaml.dump(extravars, Dumper=_UntrustedDumper, default_flow_style=False, allow_unicode=True)
 
 
 def run_playbook(
@@ -92,28 +215,18 @@ def run_playbook(
 
     private_dir = Path(state_dir) / "runs" / ident
     private_dir.mkdir(parents=True, exist_ok=True)
+    # Written here rather than handed to ansible-runner, which writes it as plain (trusted) JSON;
+    # rewritten on every run, so a reused ident never sees stale values.
+    env_dir = private_dir / "env"
+    env_dir.mkdir(exist_ok=True)
+    try:
+        (env_dir / "extravars").write_text(untrusted_extravars(extravars))
+    except yaml.YAMLError as exc:  # a value that is not data (a bug of the caller, never of a user)
+        raise OrchestrationError(f"cannot run the playbook {playbook}: {exc}") from None
     hosts: dict[str, HostOutcome] = {}
 
     def handle(event: dict[str, Any]) -> bool:
-        kind = event.get("event", "")
-        data = event.get("event_data") or {}
-        host = data.get("host") or ""
-        res = data.get("res") or {}
-        if kind == "runner_on_ok" and data.get("task") in REPORT_TASKS:
-            outcome = hosts.setdefault(host, HostOutcome())
-            outcome.results = res.get("msg") if isinstance(res.get("msg"), dict) else {"msg": res.get("msg")}
-            if on_event:
-                on_event(host, REPORT_TASKS[data["task"]], outcome.results)
-        elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
-            outcome = hosts.setdefault(host, HostOutcome())
-            outcome.ok = False
-            outcome.message = f"{data.get('task', 'a task')}: {_failure_message(res)}"
-            if on_event:
-                on_event(
-                    host, "failed" if kind == "runner_on_failed" else "unreachable", {"msg": outcome.message}
-                )
-        elif kind == "runner_on_ok" and host:
-            hosts.setdefault(host, HostOutcome())
+        handle_event(event, hosts, on_event)
         return True
 
     bin_dir = str(Path(sys.executable).parent)
@@ -138,7 +251,6 @@ def run_playbook(
             # With a `binary`, ansible-runner leaves the playbook out of the command: give it here.
             cmdline=shlex.quote(f"{playbook}.yml") if binary else None,
             inventory=str(site_path),
-            extravars=extravars,
             envvars=envvars,
             ident=ident,
             quiet=not verbose,
@@ -160,6 +272,7 @@ def run_playbook(
             message=f"{playbook} ended {runner.status} (rc={runner.rc}) after {time.time() - started:.1f}s: "
             + " | ".join(tail),
         )
+    prune_runs(state_dir)
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,11 @@ import voluptuous as vol
 
 from .errors import SiteError
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-LOCAL_SITE = PACKAGE_ROOT / "inventories" / "local"
+# playbooks/, roles/ and inventories/ live at the top of the repository and ship inside the package
+# as iosea_wf/_data/ (symlinks in the checkout, copies in a wheel), so an editable install and a
+# wheel find them the same way and neither needs the checkout at run time.
+DATA_DIR = Path(str(files("iosea_wf") / "_data"))
+LOCAL_SITE = DATA_DIR / "inventories" / "local"
 
 # Group names the inventory must use (named after what runs there, as in stackhpc's appliance).
 DATANODES_GROUP = "datanodes"

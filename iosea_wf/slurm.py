@@ -90,6 +90,37 @@ def _from_exit_pair(raw: str) -> tuple[int | None, int | None]:
         return None, None
 
 
+def parse_squeue(stdout: str, ids: list[str]) -> dict[str, JobState]:
+    """States from ``squeue -O JobID:|,State:|,Reason:|,exit_code:`` output, for the asked ids only."""
+    found: dict[str, JobState] = {}
+    for line in stdout.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 4 or parts[0] not in ids:
+            continue
+        code, sig = _from_wait_status(parts[3])
+        state = _normal_state(parts[1])
+        terminal = state in TERMINAL_STATES
+        found[parts[0]] = JobState(
+            parts[0],
+            state,
+            code if terminal else None,
+            sig if terminal else None,
+            None if parts[2] in ("None", "") else parts[2],
+        )
+    return found
+
+
+def parse_sacct(stdout: str, ids: list[str]) -> dict[str, JobState]:
+    """States from ``sacct -c -n -P -o JobID,State,ExitCode`` output, for the asked ids only."""
+    found: dict[str, JobState] = {}
+    for line in stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) >= 3 and parts[0] in ids:
+            code, sig = _from_exit_pair(parts[2])
+            found[parts[0]] = JobState(parts[0], _normal_state(parts[1]), code, sig)
+    return found
+
+
 def job_states(job_ids: list[str]) -> dict[str, JobState]:
     """States of the given jobs: one ``squeue`` call, plus one ``sacct -c`` for jobs it no longer knows."""
     ids = sorted({str(j) for j in job_ids if j})
@@ -101,20 +132,7 @@ def job_states(job_ids: list[str]) -> dict[str, JobState]:
         check=False,
     )
     if proc.returncode == 0:
-        for line in proc.stdout.splitlines():
-            parts = [p.strip() for p in line.split("|")]
-            if len(parts) < 4 or parts[0] not in ids:
-                continue
-            code, sig = _from_wait_status(parts[3])
-            state = _normal_state(parts[1])
-            terminal = state in TERMINAL_STATES
-            found[parts[0]] = JobState(
-                parts[0],
-                state,
-                code if terminal else None,
-                sig if terminal else None,
-                None if parts[2] in ("None", "") else parts[2],
-            )
+        found.update(parse_squeue(proc.stdout, ids))
     elif "Invalid job id" not in proc.stderr:
         raise SlurmError(f"squeue failed: {proc.stderr.strip()}")
     missing = [j for j in ids if j not in found]
@@ -123,11 +141,7 @@ def job_states(job_ids: list[str]) -> dict[str, JobState]:
             ["sacct", "-c", "-n", "-P", "-j", ",".join(missing), "-o", "JobID,State,ExitCode"], check=False
         )
         if proc.returncode == 0:
-            for line in proc.stdout.splitlines():
-                parts = line.split("|")
-                if len(parts) >= 3 and parts[0] in missing:
-                    code, sig = _from_exit_pair(parts[2])
-                    found[parts[0]] = JobState(parts[0], _normal_state(parts[1]), code, sig)
+            found.update(parse_sacct(proc.stdout, missing))
     for j in ids:
         found.setdefault(j, JobState(j, UNKNOWN, reason="unknown to squeue and to the job-completion log"))
     return found

@@ -16,11 +16,18 @@ from typing import Any
 
 from . import jobs, slurm
 from . import store as st
-from .errors import OrchestrationError, SessionConflict, SessionNotFound, UsageError
+from .errors import OrchestrationError, SessionConflict, SessionNotFound, SlurmError, UsageError
 
 # What a job that will never run is shown as, and why.
 SKIPPED = "SKIPPED"
 NEVER_RUNS_REASONS = {"DependencyNeverSatisfied"}
+# An instance recorded (under the lock) before its jobs are submitted, and one whose submission
+# failed: its number stays taken, so instance numbers never repeat.
+SUBMITTING = "SUBMITTING"
+NOT_SUBMITTED = "NOT_SUBMITTED"
+# A submission takes about a second; one still SUBMITTING after this long, on whatever host, is
+# taken for dead (its process cannot be checked from another host), so `stop` never waits forever.
+SUBMIT_GIVE_UP_S = 300.0
 
 
 def _instance_dir(state_dir: Path, session: dict[str, Any], step: str, instance: int) -> Path:
@@ -38,6 +45,11 @@ def _attached_services(session: dict[str, Any], step_def) -> list[dict[str, Any]
         svc["datamovers"] = list(ref.datamovers)
         attached.append(svc)
     return attached
+
+
+def tier_dir(session: dict[str, Any]) -> str:
+    """The session's directory on a tier: its name, then the start of its id (a reused name never meets)."""
+    return f"{session['name']}.{session['id'][:12]}"
 
 
 def plan_run(ctx, session: dict[str, Any], step: str, cwd: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -65,7 +77,7 @@ def plan_run(ctx, session: dict[str, Any], step: str, cwd: str) -> tuple[dict[st
             dm = wdf.datamovers[dm_name]
             tier = site.tiers[dm.target]
             tool = list(site.mover_tools[tier.tool].command)
-            target = os.path.join(tier.path, session["owner"], session["name"], svc["name"])
+            target = os.path.join(tier.path, session["owner"], tier_dir(session), svc["name"])
             label = f"{dm_name}.{svc['name']}"
             script = workdir / f"mover.{label}.sh"
             progress = workdir / f"mover.{label}.progress.json" if tier.tool == "builtin" else None
@@ -141,38 +153,164 @@ def plan_run(ctx, session: dict[str, Any], step: str, cwd: str) -> tuple[dict[st
 
 
 def submit(ctx, session: dict[str, Any], step: str, cwd: str | None = None) -> dict[str, Any]:
-    """Submit a new instance of a step of an ACTIVE session; return the recorded instance."""
+    """Submit a new instance of a step of an ACTIVE session; return the recorded instance.
+
+    The instance number is taken and the instance recorded (SUBMITTING) in one transaction that
+    finds the session ACTIVE; the playbook (about 1 s) runs outside the lock; the job ids are then
+    merged into the current record. ``stop`` waits for SUBMITTING instances, so no job of a
+    session ever runs untracked.
+    """
     from .orchestrator import run_playbook
 
-    if session["state"] != st.ACTIVE:
-        raise SessionConflict(
-            f"session {session['name']!r} is {session['state']}, not ACTIVE: cannot run a step"
-        )
-    record, pipeline = plan_run(ctx, session, step, cwd or os.getcwd())
-    ident = f"{session['name']}-run-{step}-{record['instance']}-{int(time.time())}"
-    result = run_playbook(
-        "step_submit",
-        site_path=Path(session["site"]),
-        state_dir=ctx.store.state_dir,
-        ident=ident,
-        extravars={"iosea_pipeline": pipeline},
-        verbose=ctx.verbose,
-    )
-    ids = next((h.results for h in result.hosts.values() if h.results.get("step")), None)
-    if not result.ok or not ids:
-        msg = "; ".join(h.message for h in result.hosts.values() if not h.ok) or "no job id reported"
-        raise OrchestrationError(f"step {step} of session {session['name']} was not submitted: {msg}")
-    start_ids, stop_ids = list(ids["start_movers"]), list(ids["stop_movers"])
-    for mover in record["datamovers"]:
-        mover["job_id"] = str(start_ids.pop(0) if mover["trigger"] == "step_start" else stop_ids.pop(0))
-    record["job_id"] = str(ids["step"])
-    record["artifacts"] = result.artifacts
+    sid = session["id"]
     with ctx.store.transaction() as tx:
-        current = dict(tx.sessions.get(st.Query().id == session["id"]))
+        current = _current(tx, sid)
+        if current["state"] != st.ACTIVE:
+            raise SessionConflict(
+                f"session {current['name']!r} is {current['state']}, not ACTIVE: cannot run a step"
+            )
+        record, pipeline = plan_run(ctx, current, step, cwd or os.getcwd())
+        instance = record["instance"]
+        ident = f"{session['name']}-run-{step}-{instance}-{int(time.time())}"
+        # Who submits, and the playbook run's name: a `stop` finding this process dead ends the
+        # ansible-playbook it left (which would otherwise submit on) before cancelling its jobs.
+        submitter = {"pid": os.getpid(), "host": os.uname().nodename, "run": ident}
+        record.update(state=SUBMITTING, submitter=submitter)
         current["steps"] = [*current.get("steps", []), record]
         current["updated_at"] = time.time()
         tx.put_session(current)
-    return record
+    try:
+        result = run_playbook(
+            "step_submit",
+            site_path=Path(session["site"]),
+            state_dir=ctx.store.state_dir,
+            ident=ident,
+            extravars={"iosea_pipeline": pipeline},
+            verbose=ctx.verbose,
+        )
+    except BaseException as exc:
+        # Interrupted or crashed mid-submission: whatever reached Slurm is cancelled, then said.
+        _cancel_named(_pipeline_names(pipeline))
+        _mark_not_submitted(ctx, sid, step, instance, f"submission interrupted: {exc!r}")
+        raise
+    ids = next((h.results for h in result.hosts.values() if h.results.get("step")), None)
+    if not result.ok or not ids:
+        msg = "; ".join(h.message for h in result.hosts.values() if not h.ok) or "no job id reported"
+        # The chain action cancels what it had submitted when an sbatch is refused.
+        _mark_not_submitted(ctx, sid, step, instance, f"not submitted: {msg}")
+        raise (SlurmError if result.refused_by_slurm else OrchestrationError)(
+            f"step {step} of session {session['name']} was not submitted: {msg}"
+        )
+    start_ids, stop_ids = list(ids["start_movers"]), list(ids["stop_movers"])
+    mover_ids = [
+        str(start_ids.pop(0) if m["trigger"] == "step_start" else stop_ids.pop(0))
+        for m in record["datamovers"]
+    ]
+    with ctx.store.transaction() as tx:
+        current = _current(tx, sid)
+        inst = _instance_of(current, step, instance)
+        inst.update(job_id=str(ids["step"]), state=None, artifacts=result.artifacts)
+        for mover, job_id in zip(inst["datamovers"], mover_ids, strict=True):
+            mover["job_id"] = job_id
+        # A stop (or a cancel) that came while the playbook ran: the new jobs must not outlive it.
+        left = current["state"] != st.ACTIVE
+        cancel_now = left or bool(inst.get("cancel_requested"))
+        if cancel_now:
+            now = time.time()
+            for entry in [inst, *inst["datamovers"]]:
+                entry["cancelled_at"] = now
+        current["updated_at"] = time.time()
+        tx.put_session(current)
+    if cancel_now:
+        slurm.cancel(_job_ids(inst))
+    if left:
+        raise SessionConflict(
+            f"session {current['name']!r} became {current['state']} while step {step} was submitted: "
+            f"its jobs ({' '.join(_job_ids(inst))}) were cancelled"
+        )
+    return inst
+
+
+def _current(tx, session_id: str) -> dict[str, Any]:
+    """A deep copy of the session as the store holds it now (under the caller's lock)."""
+    found = tx.sessions.get(st.Query().id == session_id)
+    if found is None:
+        raise st.StoreError(f"session {session_id} vanished from the store")
+    return json.loads(json.dumps(found))
+
+
+def _instance_of(session: dict[str, Any], step: str, instance: int) -> dict[str, Any]:
+    for inst in session.get("steps", []):
+        if inst["name"] == step and inst["instance"] == instance:
+            return inst
+    raise st.StoreError(f"instance {instance} of step {step} vanished from session {session['name']}")
+
+
+def _mark_not_submitted(ctx, session_id: str, step: str, instance: int, reason: str) -> None:
+    """Record honestly that an instance's submission failed (its number stays taken)."""
+    with ctx.store.transaction() as tx:
+        current = _current(tx, session_id)
+        inst = _instance_of(current, step, instance)
+        if inst.get("state") != SUBMITTING:
+            return  # its `run` recorded its jobs meanwhile: they are tracked
+        inst.update(state=NOT_SUBMITTED, reason=reason)
+        for m in inst["datamovers"]:
+            m.update(state=NOT_SUBMITTED, reason="the step was not submitted")
+        current["updated_at"] = time.time()
+        tx.put_session(current)
+
+
+def _pipeline_names(pipeline: dict[str, Any]) -> list[str]:
+    names = []
+    for entry in [*pipeline["start_movers"], pipeline["step"], *pipeline["stop_movers"]]:
+        names += [a.split("=", 1)[1] for a in entry["argv"] if a.startswith("--job-name=")]
+    return names
+
+
+def _cancel_named(names: list[str]) -> list[str]:
+    """Cancel the unfinished jobs Slurm holds under these job names (a submission cut short)."""
+    if not names or not slurm.controller_up():
+        return []
+    rows = slurm.jobs_named(",".join(names))
+    ids = [j for j, state, _ in rows if state not in slurm.TERMINAL_STATES]
+    if ids:
+        slurm.cancel(ids)
+    return ids
+
+
+def abandoned(session: dict[str, Any], now: float | None = None) -> list[dict[str, Any]]:
+    """SUBMITTING instances whose `run` died (kill -9 mid-submission, on this host) or is long overdue."""
+    from .procs import alive
+
+    here, now = os.uname().nodename, time.time() if now is None else now
+    found = []
+    for i in submitting(session):
+        who = i.get("submitter") or {}
+        dead_here = who.get("host") == here and not alive(who.get("pid"))
+        if dead_here or now - i["submitted_at"] > SUBMIT_GIVE_UP_S:
+            found.append(i)
+    return found
+
+
+def submitting(session: dict[str, Any]) -> list[dict[str, Any]]:
+    """Instances recorded but not yet submitted (a `run` in flight)."""
+    return [i for i in session.get("steps", []) if i.get("state") == SUBMITTING]
+
+
+def end_abandoned(ctx, session: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mark abandoned submissions NOT_SUBMITTED, cancelling whatever of them reached Slurm; return them."""
+    from .orchestrator import end_orphaned_run
+
+    found = abandoned(session)
+    for inst in found:
+        who = inst.get("submitter") or {}
+        if who.get("run") and who.get("host") == os.uname().nodename:
+            end_orphaned_run(ctx.store.state_dir, who["run"])
+        prefix = f"iosea.{session['name']}.{inst['name']}.{inst['instance']}"
+        ids = _cancel_named([prefix] + [f"{prefix}.dm.{m['name']}" for m in inst["datamovers"]])
+        why = "the submitting `run` died" + (f"; its jobs {' '.join(ids)} were cancelled" if ids else "")
+        _mark_not_submitted(ctx, session["id"], inst["name"], inst["instance"], why)
+    return found
 
 
 def _job_ids(instance: dict[str, Any]) -> list[str]:
@@ -180,7 +318,7 @@ def _job_ids(instance: dict[str, Any]) -> list[str]:
 
 
 def _final(state: str | None) -> bool:
-    return state is not None and (state in slurm.TERMINAL_STATES or state == SKIPPED)
+    return state is not None and (state in slurm.TERMINAL_STATES or state in (SKIPPED, NOT_SUBMITTED))
 
 
 def read_progress(path: str | None) -> dict[str, Any] | None:
@@ -195,7 +333,12 @@ def read_progress(path: str | None) -> dict[str, Any] | None:
 
 
 def refresh(ctx, session: dict[str, Any]) -> dict[str, Any]:
-    """Ask Slurm (one batch) for every unfinished job of the session; cache final states; return views."""
+    """Ask Slurm (one batch) for every unfinished job of the session; cache final states; return it.
+
+    Slurm is asked outside the lock; what was learned is merged, per step instance and job id,
+    into the record as the store holds it then (another command may have added an instance or an
+    access meanwhile), which is what is returned.
+    """
     pending_ids = [
         j
         for inst in session.get("steps", [])
@@ -207,6 +350,17 @@ def refresh(ctx, session: dict[str, Any]) -> dict[str, Any]:
         a["job_id"] for a in session.get("accesses", []) if a.get("job_id") and not _final(a.get("state"))
     ]
     states = slurm.job_states(pending_ids + extra) if (pending_ids or extra) and slurm.controller_up() else {}
+    if not _learn(session, states):
+        return session
+    with ctx.store.transaction() as tx:
+        current = _current(tx, session["id"])
+        _learn(current, states)
+        tx.put_session(current)
+    return current
+
+
+def _learn(session: dict[str, Any], states: dict[str, slurm.JobState]) -> bool:
+    """Fold Slurm's answers into the instances and accesses of ``session``; True if a final state is new."""
     changed = False
     for inst in session.get("steps", []):
         changed |= _apply(inst, states)
@@ -216,14 +370,7 @@ def refresh(ctx, session: dict[str, Any]) -> dict[str, Any]:
             acc["state"], changed = js.state, True
         elif js:
             acc["live_state"] = js.state
-    if changed:
-        with ctx.store.transaction() as tx:
-            current = dict(tx.sessions.get(st.Query().id == session["id"]))
-            current["steps"] = session["steps"]
-            if "accesses" in session:
-                current["accesses"] = session["accesses"]
-            tx.put_session(current)
-    return session
+    return changed
 
 
 def _apply(inst: dict[str, Any], states: dict[str, slurm.JobState]) -> bool:
@@ -293,6 +440,7 @@ def view(inst: dict[str, Any]) -> dict[str, Any]:
                 "trigger": m["trigger"],
                 "operation": m["operation"],
                 "target": m["target"],
+                "target_path": m.get("target_path"),
                 "state": m.get("state") or m.get("live_state") or "SUBMITTED",
                 "job_id": m["job_id"],
                 "exit_code": m.get("exit_code"),
@@ -350,28 +498,41 @@ def instance_succeeded(inst: dict[str, Any]) -> bool:
 
 
 def check_step_name(step: str | None) -> str:
-    """Reject a missing STEP=."""
+    """Reject a missing STEP= or one that cannot be a step's name (the WDF's name rule)."""
+    from .wdf.model import NAME_RULE, name_problem
+
     if not step:
         raise UsageError("STEP= is mandatory (e.g. STEP=step_A)")
+    why = name_problem(step)
+    if why is not None:
+        raise UsageError(f"invalid step name {step!r} (STEP=): {why}; use {NAME_RULE}")
     return step
 
 
 def cancel(ctx, session: dict[str, Any], step: str | None = None, instance: int | None = None) -> list[str]:
-    """Cancel the unfinished jobs of one step instance (or of every run of the session) in one scancel."""
+    """Cancel the unfinished jobs of one step instance (or of every run of the session) in one scancel.
+
+    The targets are chosen in the current record, under the lock; an instance still SUBMITTING is
+    marked so that its `run` cancels its jobs as soon as it has their ids.
+    """
     session = refresh(ctx, session)
-    targets = [find_instance(session, step, instance)] if step else session.get("steps", [])
+    if step:
+        find_instance(session, step, instance)  # SessionNotFound before any write
     now = time.time()
     ids = []
-    for inst in targets:
-        for entry in [inst, *inst["datamovers"]]:
-            if entry.get("job_id") and not _final(entry.get("state")):
-                ids.append(entry["job_id"])
-                entry["cancelled_at"] = now
-    if not ids:
-        return []
     with ctx.store.transaction() as tx:
-        current = dict(tx.sessions.get(st.Query().id == session["id"]))
-        current["steps"] = session["steps"]
-        tx.put_session(current)
-    slurm.cancel(ids)
+        current = _current(tx, session["id"])
+        targets = [find_instance(current, step, instance)] if step else current.get("steps", [])
+        for inst in targets:
+            if inst.get("state") == SUBMITTING:
+                inst["cancel_requested"] = now
+            for entry in [inst, *inst["datamovers"]]:
+                if entry.get("job_id") and not _final(entry.get("state")):
+                    ids.append(entry["job_id"])
+                    entry["cancelled_at"] = now
+        if ids or any(i.get("cancel_requested") == now for i in targets):
+            current["updated_at"] = now
+            tx.put_session(current)
+    if ids:
+        slurm.cancel(ids)
     return ids

@@ -25,7 +25,7 @@ from typing import Any
 from tinydb import Query, TinyDB
 from tinydb.storages import Storage
 
-from .errors import IoseaError
+from .errors import StoreError
 
 SCHEMA_VERSION = 1
 
@@ -36,10 +36,6 @@ STOPPING = "STOPPING"
 STOPPED = "STOPPED"
 FAILED = "FAILED"
 LIVE_STATES = (STARTING, ACTIVE, STOPPING)
-
-
-class StoreError(IoseaError):
-    """Raised when the state directory or its database cannot be used."""
 
 
 class AtomicJSONStorage(Storage):
@@ -55,6 +51,8 @@ class AtomicJSONStorage(Storage):
                 data = fh.read()
         except FileNotFoundError:
             return None
+        except OSError as exc:  # a directory, unreadable, I/O error: no traceback, exit 9
+            raise StoreError(f"cannot read the session store {self.path}: {exc.strerror}") from None
         if not data.strip():
             return None
         try:

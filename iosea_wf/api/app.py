@@ -310,20 +310,22 @@ def create_app(service: Service) -> FastAPI:
 
     @app.put(f"{API}/sessions/{{name}}/accesses/{{token}}", summary="record an interactive access (access)")
     def access_record(ctx: Ctx, name: str, token: str, body: AccessEntry) -> dict[str, Any]:
+        from ..access import _update_accesses
+
         if body.token != token:
             raise UsageError("the access entry's token is not the one in the path")
         record = manager.find_session(ctx, name)
-        with ctx.store.transaction() as tx:
-            current = dict(tx.sessions.get(st.Query().id == record["id"]))
-            accesses = [dict(a) for a in current.get("accesses", [])]
-            mine = next((a for a in accesses if a["token"] == token), None)
+        known = any(a.get("token") == token for a in record.get("accesses", []))
+
+        def change(accesses: list[dict[str, Any]]) -> None:
+            mine = next((a for a in accesses if a.get("token") == token), None)
             if mine is None:
-                mine = {"token": token}
-                accesses.append(mine)
+                accesses.append(mine := {})
             mine.update(body.model_dump())
-            current["accesses"] = accesses
-            tx.put_session(current)
-        return mine
+
+        # A new access is recorded only while the session is ACTIVE, as in-process.
+        _update_accesses(ctx, record["id"], change, require_active=not known)
+        return body.model_dump()
 
     return app
 

@@ -157,7 +157,7 @@ def _wdf_body(ctx: ServiceContext, workflow: str | None, session: str | None, va
 
     if workflow is None:
         return {"workflow": None, "variables": variables, "session": session}
-    if check_name:
+    if check_name or session:
         manager.check_session_name(session)
     manager.wdf_variables(ctx.user, workflow, session, variables)  # refuses built-in names
     text = read_text(Path(workflow), Problems(workflow))
@@ -268,7 +268,8 @@ def access(ctx: ServiceContext, session, command: list[str], **options: Any) -> 
     record = ctx.call("POST", f"/v1/sessions/{name}/access", slurm_token=True)
     mine: list[dict[str, Any]] = []
 
-    def update(change: Callable[[list[dict[str, Any]]], None]) -> None:
+    def update(change: Callable[[list[dict[str, Any]]], None], require_active: bool = False) -> None:
+        # The service itself refuses a new access to a session that is no longer ACTIVE.
         change(mine)
         for entry in mine:
             ctx.call("PUT", f"/v1/sessions/{name}/accesses/{_p(entry['token'])}", body=entry)

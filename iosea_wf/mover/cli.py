@@ -1,7 +1,7 @@
 """``iosea-wf-mover``: the data-mover command the orchestrator runs in a Slurm job (or a sysadmin by hand).
 
     iosea-wf-mover {copy|move} --source DIR --target DIR [--workers N] [--progress FILE]
-                   [--strict] [--fsync] PATTERN...
+                   [--strict] [--fsync] [--replace] PATTERN...
 
 Exit codes: 0 ok; 1 some files failed (each reported, the others transferred); 2 usage error (bad
 arguments, a pattern escaping the source; nothing done); 3 the source directory is missing; 4 the
@@ -35,6 +35,13 @@ _EPILOG = (
     "  unchanged), then renamed into place; mode and mtime are kept. move deletes a source only\n"
     "  once its copy is verified and the target filesystem synced to disk. Rerun the same command\n"
     "  after an interruption to finish it.\n"
+    "\n"
+    "existing files:\n"
+    "  a file already at the target that is identical to its source (same bytes; e.g. left by an\n"
+    "  interrupted run) counts as transferred. Anything else already there (a different file, a\n"
+    "  directory, another symlink) is never replaced silently: it is an error for that file, the\n"
+    "  target is left as it was, the source is kept (move) and the exit code is 1. --replace\n"
+    "  overwrites such files instead.\n"
     "\n"
     "exit codes:\n" + "".join(f"  {code:<4} {text}\n" for code, text in EXIT_CODES.items())
 )
@@ -73,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fsync each file before renaming it into place (move syncs the target filesystem before"
         " deleting sources in any case)",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="overwrite files already at the target that differ from their source (default: refuse"
+        " each one, keep its source, exit 1)",
     )
     p.add_argument("patterns", nargs="+", metavar="PATTERN", help="relative glob under --source")
     return p
@@ -155,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             progress_path=args.progress,
             strict=args.strict,
             fsync=args.fsync,
+            replace=args.replace,
             cancel=cancel,
             on_message=lambda kind, text: _say(f"{kind}: {text}", console),
             on_progress=bar.update if bar else None,

@@ -48,7 +48,11 @@ Integrity argument
   (:mod:`iosea_wf.mover.journal`, one append per batch of files by each worker) recorded it, for
   ``copy`` the journal line is trusted and for ``move`` the target is re-hashed against the recorded
   digest before the source is deleted; without a journal line both sides are hashed and compared.
-  Anything else is copied again.
+  An element whose target holds anything else (a different file, as its size or hash shows, a
+  directory, another symlink) is an error for that element: the target is left as it was and the
+  source kept, unless ``replace`` (``--replace``) is given, which copies over it. A target absent
+  at the scan is renamed into with RENAME_NOREPLACE, so a file another writer puts there during
+  the copy is not replaced either (one renameat2 instead of rename: no extra call).
 * When a run ends (completed or failed) its journal is removed; a cancelled or killed run keeps it
   for the rerun. Source directories a ``move`` emptied are removed when they were part of a matched
   directory; target directories get their source mode and mtime at the end of the copy phase.
@@ -102,6 +106,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 _STOP = 0  # slot of the shared stop flag; then (files, bytes, verified bytes) per worker
 _SLOTS = 3
 _MSG_MAX = 3000  # one message per pipe write, well under PIPE_BUF (4096): never interleaved
+CONFLICT_HINT = "kept at the source, target left as it was (--replace overwrites it)"
 
 
 def default_workers() -> int:
@@ -184,8 +189,11 @@ class _Libc:
 
 
 class _Transfer:
-    def __init__(self, operation, source, target, workers, reporter, cancel, fsync, on_message, on_progress):
+    def __init__(
+        self, operation, source, target, workers, reporter, cancel, fsync, on_message, on_progress, replace
+    ):
         self.operation = operation
+        self.replace = replace
         self.move = operation == "move"
         self.source = source
         self.target = target
@@ -249,7 +257,7 @@ class _Transfer:
                 if stat.S_ISLNK(st.st_mode) and os.readlink(dst) == e.link:
                     self._already_done(e, work)
                 else:
-                    work.append((e, "copy", None))
+                    self._occupied(e, work, "something else")
             elif stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns):
                 rec = journal.get(e.rel)
                 if rec is not None and rec[:2] == (e.size, e.mtime_ns):
@@ -259,9 +267,20 @@ class _Transfer:
                         self._already_done(e, work)
                 else:
                     work.append((e, "verify", None))
+            elif stat.S_ISREG(st.st_mode) and st.st_size == e.size and not self.replace:
+                # Same size, another mtime: the same bytes are fine (hashed), others a conflict.
+                work.append((e, "verify", None))
             else:
-                work.append((e, "copy", None))
+                kind = "a different file" if stat.S_ISREG(st.st_mode) else "something else"
+                self._occupied(e, work, kind)
         return work
+
+    def _occupied(self, e: Entry, work: list, what: str) -> None:
+        """The target holds something other than the source: replace it only when told to."""
+        if self.replace:
+            work.append((e, "copy", None))
+        else:
+            self.errors.append(f"{e.rel}: {what} is already at the target; {CONFLICT_HINT}")
 
     def _already_done(self, e: Entry, work: list) -> None:
         self.base.files += 1
@@ -524,16 +543,20 @@ class _Worker:
             if action == "done":
                 self.queue_delete(d, name, None if e.kind == "link" else e.size, e.mtime_ns)
                 return
-            if action != "copy" and self.verified_in_place(e, action, recorded):
-                a[i + 1] += e.size
-                a[i + 2] += e.size
-                a[i] += 1
-                return
+            if action != "copy":
+                if self.verified_in_place(e, action, recorded):
+                    a[i + 1] += e.size
+                    a[i + 2] += e.size
+                    a[i] += 1
+                    return
+                if not self.run.replace:
+                    self.fail(rel, f"a different file is already at the target; {CONFLICT_HINT}")
+                    return
             if e.kind == "link":
                 dst = _join(self.run.target, rel)
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 tmp = os.path.join(os.path.dirname(dst), self.tmp_name(name))
-                filecopy.copy_symlink(dst, tmp, e.link, e.mtime_ns)
+                filecopy.copy_symlink(dst, tmp, e.link, e.mtime_ns, not self.run.replace)
                 self.records.append((rel, 0, e.mtime_ns, "link"))
                 self.queue_delete(d, name, None, e.mtime_ns)
             else:
@@ -552,6 +575,7 @@ class _Worker:
                     self.stopping,
                     self.fsync,
                     self.writeback if e.size >= filecopy.BUF_SIZE else None,
+                    not self.run.replace,
                 )
                 self.records.append((rel, st.st_size, st.st_mtime_ns, digest.hex()))
                 self.queue_delete(d, name, st.st_size, st.st_mtime_ns)
@@ -715,11 +739,16 @@ def transfer(
     strict: bool = False,
     *,
     fsync: bool = False,
+    replace: bool = False,
     cancel: threading.Event | None = None,
     on_message: Callable[[str, str], None] | None = None,
     on_progress: Callable[[Snapshot, ProgressReporter], None] | None = None,
 ) -> TransferResult:
-    """Copy or move what ``patterns`` select under ``source`` to ``target``; return what happened."""
+    """Copy or move what ``patterns`` select under ``source`` to ``target``; return what happened.
+
+    A file already at the target that differs from its source (not one this transfer wrote, as
+    its journal or a hash shows) is a per-file error, its source kept, unless ``replace``.
+    """
     t0 = time.monotonic()
     reporter = ProgressReporter(os.fspath(progress_path) if progress_path is not None else None)
     cancel = cancel or threading.Event()
@@ -744,7 +773,16 @@ def transfer(
         _write_failed(reporter, operation, str(e))
         raise
     run = _Transfer(
-        operation, src, dst, workers or default_workers(), reporter, cancel, fsync, on_message, on_progress
+        operation,
+        src,
+        dst,
+        workers or default_workers(),
+        reporter,
+        cancel,
+        fsync,
+        on_message,
+        on_progress,
+        replace,
     )
     try:
         skip = None

@@ -24,6 +24,7 @@ Two ways of copying a file's bytes:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -59,6 +60,45 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once at import, in the main thread: os.umask cannot be read without setting it
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 CHANGED = "changed since the transfer started; not transferred"
+
+
+APPEARED = "appeared at the target during the copy; kept at the source, target left as it was"
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _load_renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def rename_noreplace(src: str, dst: str, dir_fd: int = _AT_FDCWD) -> None:
+    """Rename ``src`` to ``dst`` (relative to ``dir_fd``) only if ``dst`` does not exist.
+
+    One renameat2(RENAME_NOREPLACE): the kernel checks and renames at once, so a file another
+    process creates at the target meanwhile is never replaced (FileExistsError). Where the
+    filesystem or libc lacks it, an lstat before a plain rename narrows the window instead.
+    """
+    if _renameat2 is not None:
+        if _renameat2(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), dst)
+    fd = None if dir_fd == _AT_FDCWD else dir_fd
+    try:
+        os.lstat(dst, dir_fd=fd)
+    except FileNotFoundError:
+        os.rename(src, dst, src_dir_fd=fd, dst_dir_fd=fd)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
 
 
 class CopyAborted(Exception):
@@ -134,6 +174,7 @@ def copy_file(
     stopping: Callable[[], bool],
     fsync: bool = False,
     written: Callable[[int, int, int], None] | None = None,
+    noreplace: bool = False,
 ) -> tuple[os.stat_result, bytes]:
     """Copy regular file ``name`` of directory fd ``sdir`` to ``name`` in ``tdir`` through ``tmp``.
 
@@ -143,6 +184,7 @@ def copy_file(
     files chunk by chunk, a small file once it is in place). ``buf`` should come from
     :func:`new_buffer` (aligned). ``written(fd, offset, length)``, if given, is called for each
     range of the temp file once it is written (a move starts the write-back to disk there).
+    With ``noreplace``, a file that appeared at ``name`` meanwhile is left alone (CopyFailed).
     """
     size, mtime_ns, mode = planned
     sfd = os.open(name, _RD, dir_fd=sdir)
@@ -175,7 +217,13 @@ def copy_file(
             st = _finish(tfd, sfd, size, mtime_ns, mode, fsync)
         finally:
             os.close(tfd)
-        os.rename(tmp, name, src_dir_fd=tdir, dst_dir_fd=tdir)
+        if noreplace:
+            try:
+                rename_noreplace(tmp, name, tdir)
+            except FileExistsError:
+                raise CopyFailed(APPEARED) from None
+        else:
+            os.rename(tmp, name, src_dir_fd=tdir, dst_dir_fd=tdir)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=tdir)
@@ -383,14 +431,20 @@ def hash_file(path: str, buf, stopping=lambda: False) -> tuple[int, bytes]:
         os.close(fd)
 
 
-def copy_symlink(dst: str, tmp: str, text: str, mtime_ns: int) -> None:
+def copy_symlink(dst: str, tmp: str, text: str, mtime_ns: int, noreplace: bool = False) -> None:
     """Create symlink ``dst`` -> ``text`` through ``tmp`` (atomic replace), keeping its mtime."""
     try:
         os.symlink(text, tmp)
         os.utime(tmp, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
         if os.readlink(tmp) != text:
             raise CopyFailed("verification failed: the symlink differs from the source")
-        os.rename(tmp, dst)
+        if noreplace:
+            try:
+                rename_noreplace(tmp, dst)
+            except FileExistsError:
+                raise CopyFailed(APPEARED) from None
+        else:
+            os.rename(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

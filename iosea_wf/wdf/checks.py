@@ -45,10 +45,54 @@ def unique_names(data: dict[str, Any], section: str, what: str, problems: Proble
     return list(first)
 
 
+def all_datamovers(data: dict[str, Any]) -> Iterator[tuple[Path, Any, str | None]]:
+    """(path, entry, owning service or None) of every data mover: top-level ones, then each
+    service's own (``datamovers`` beside ``attributes``, as in the design note)."""
+    items = data.get("datamovers")
+    if isinstance(items, list):
+        for i, item in enumerate(items):
+            yield ("datamovers", i), item, None
+    for i, service in entries(data, "services"):
+        items = service.get("datamovers")
+        owner = service.get("name") if isinstance(service.get("name"), str) else f"#{i + 1}"
+        if isinstance(items, list):
+            for j, item in enumerate(items):
+                yield ("services", i, "datamovers", j), item, owner
+
+
+def unique_mover_names(data: dict[str, Any], problems: Problems) -> dict[str, str | None] | None:
+    """Data mover name -> owning service (None: top level), reporting names defined twice anywhere.
+
+    None when the top-level section is not a list (already reported).
+    """
+    if "datamovers" in data and not isinstance(data["datamovers"], list):
+        return None
+    first: dict[str, Path] = {}
+    owners: dict[str, str | None] = {}
+    for path, item, owner in all_datamovers(data):
+        value = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(value, str):
+            continue
+        if value in first:
+            mark = problems.marks.get((*first[value], "name"))
+            problems.add(
+                (*path, "name"),
+                f"duplicate data mover name {value!r} (first defined at line {mark.line if mark else '?'})",
+                "a name unique across the top-level and every service's data movers",
+            )
+        else:
+            first[value], owners[value] = path, owner
+    return owners
+
+
 def references(
-    data: dict[str, Any], services: list[str] | None, datamovers: list[str] | None, problems: Problems
+    data: dict[str, Any],
+    services: list[str] | None,
+    datamovers: dict[str, str | None] | None,
+    problems: Problems,
 ) -> None:
-    """Every service and data mover a step names must be defined, and named once per step.
+    """Every service and data mover a step names must be defined, and named once per step; a
+    data mover defined inside a service may only be used with that service.
 
     A section that is not a list (already reported) is not used: each of its names would be
     reported as unknown, which says nothing new.
@@ -74,12 +118,22 @@ def references(
             if not isinstance(movers, list) or datamovers is None:
                 continue
             seen: set[str] = set()
+            usable = [m for m, owner in datamovers.items() if owner in (None, service)]
+            allowed = (
+                one_of(usable)
+                if usable
+                else f"a data mover defined at the top level or inside service {service!r}, and there is none"
+            )
             for k, mover in enumerate(movers):
                 if not isinstance(mover, str):
                     continue
                 if mover not in datamovers:
+                    problems.add((*path, "datamovers", k), f"unknown data mover {mover!r}", allowed)
+                elif datamovers[mover] not in (None, service):
                     problems.add(
-                        (*path, "datamovers", k), f"unknown data mover {mover!r}", one_of(datamovers)
+                        (*path, "datamovers", k),
+                        f"data mover {mover!r} belongs to service {datamovers[mover]!r}, not to {service!r}",
+                        allowed,
                     )
                 elif mover in seen:
                     problems.add(
@@ -137,12 +191,10 @@ def against_site(data: dict[str, Any], site: Site, problems: Problems) -> None:
             problems.add(
                 ("services", i, "attributes", "location"), f"unknown module {location!r}", one_of(modules)
             )
-    for i, mover in entries(data, "datamovers"):
-        target = mover.get("target")
+    for path, mover, _ in all_datamovers(data):
+        target = mover.get("target") if isinstance(mover, dict) else None
         if isinstance(target, str) and target not in site.tiers:
-            problems.add(
-                ("datamovers", i, "target"), f"unknown storage tier {target!r}", one_of(list(site.tiers))
-            )
+            problems.add((*path, "target"), f"unknown storage tier {target!r}", one_of(list(site.tiers)))
     for i, step in entries(data, "steps"):
         location = step.get("location")
         if isinstance(location, str):

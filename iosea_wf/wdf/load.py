@@ -11,6 +11,8 @@ import os
 from pathlib import Path as FsPath
 from typing import Any
 
+from ..errors import UsageError
+from ..jobs import parse_sbatch
 from ..site import Site
 from . import checks
 from .loader import compose_marked, read_text
@@ -18,6 +20,7 @@ from .model import DataMover, Service, Step, StepService, Workflow
 from .problems import Problems
 from .schema import (
     DATAMOVER,
+    SBATCH_EXPECTED,
     SERVICE,
     SERVICE_TYPES,
     STEP,
@@ -28,7 +31,7 @@ from .schema import (
     keys_of,
     one_of,
 )
-from .variables import substitute
+from .variables import STEP_VARIABLE, substitute
 
 
 def load_wdf(
@@ -46,7 +49,11 @@ def load_wdf(
         )
         problems.fail()
     variables = {str(k): str(v) for k, v in (variables or {}).items()}
-    data = substitute(raw, variables, problems)
+    data = {
+        key: _substitute_steps(value, variables, problems) if key == "steps" else
+        substitute(value, variables, problems, (key,))
+        for key, value in raw.items()
+    }  # fmt: skip
 
     check(TOP_LEVEL, data, (), problems, "the workflow description")
     # A section of the wrong type is reported by TOP_LEVEL; its entries are checked only if it is one.
@@ -56,13 +63,13 @@ def load_wdf(
     )
     services = [_service(i, item, problems) for i, item in enumerate(_list(data, "services"))]
     movers = [
-        check(DATAMOVER, item, ("datamovers", i), problems, "a data mover")
-        for i, item in enumerate(_list(data, "datamovers"))
+        (check(DATAMOVER, item, path, problems, "a data mover"), owner)
+        for path, item, owner in checks.all_datamovers(data)
     ]
     steps = [_step(i, item, problems) for i, item in enumerate(_list(data, "steps"))]
 
     service_names = checks.unique_names(data, "services", "service", problems)
-    mover_names = checks.unique_names(data, "datamovers", "data mover", problems)
+    mover_names = checks.unique_mover_names(data, problems)
     checks.unique_names(data, "steps", "step", problems)
     checks.references(data, service_names, mover_names, problems)
     checks.distinct_paths(data, problems)
@@ -76,9 +83,30 @@ def load_wdf(
         source=str(path),
         variables=variables,
         services={s.name: s for s in (_build_service(s, site) for s in services)},
-        datamovers={m.name: m for m in (_build_mover(m) for m in movers)},
+        datamovers={m.name: m for m in (_build_mover(*m) for m in movers)},
         steps={s.name: s for s in (_build_step(s, site) for s in steps)},
     )
+
+
+def _substitute_steps(steps: Any, variables: dict[str, str], problems: Problems) -> Any:
+    """The steps with their variables substituted; inside a step, ``{{ STEP }}`` is its name."""
+    if not isinstance(steps, list):
+        return substitute(steps, variables, problems, ("steps",))
+    out = []
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict):
+            out.append(substitute(step, variables, problems, ("steps", i)))
+            continue
+        # The name itself sees only the workflow's variables: it is what STEP stands for.
+        name = substitute(step.get("name"), variables, problems, ("steps", i, "name"))
+        own = {**variables, STEP_VARIABLE: name} if isinstance(name, str) else variables
+        out.append(
+            {
+                k: name if k == "name" else substitute(v, own, problems, ("steps", i, k))
+                for k, v in step.items()
+            }
+        )
+    return out
 
 
 def _list(data: dict[str, Any], section: str) -> list[Any]:
@@ -106,6 +134,8 @@ def _service(i: int, item: Any, problems: Problems) -> tuple[dict | None, dict |
 def _step(i: int, item: Any, problems: Problems) -> tuple[dict | None, list[dict | None]]:
     """The validated step entry and its validated service entries."""
     entry = check(STEP, item, ("steps", i), problems, "a step")
+    if isinstance(item, dict) and "location" in item:
+        _command_against_location(i, item.get("command"), problems)
     uses = item.get("services") if isinstance(item, dict) else None
     if not isinstance(uses, list):
         return entry, []
@@ -113,6 +143,20 @@ def _step(i: int, item: Any, problems: Problems) -> tuple[dict | None, list[dict
         check(STEP_SERVICE, use, ("steps", i, "services", j), problems, "a service of a step")
         for j, use in enumerate(uses)
     ]
+
+
+def _command_against_location(i: int, command: Any, problems: Problems) -> None:
+    """A step that gives a location may not choose the partition in its command too."""
+    if not isinstance(command, str):
+        return
+    try:
+        parse_sbatch(command)
+    except UsageError:
+        return  # the schema reported it already
+    try:
+        parse_sbatch(command, location_given=True)
+    except UsageError as exc:
+        problems.add(("steps", i, "command"), exc.message, SBATCH_EXPECTED)
 
 
 def _build_service(validated: tuple[dict, dict], site: Site | None) -> Service:
@@ -123,13 +167,14 @@ def _build_service(validated: tuple[dict, dict], site: Site | None) -> Service:
     return Service(name=entry["name"], type=entry["type"], attributes=attributes)
 
 
-def _build_mover(entry: dict) -> DataMover:
+def _build_mover(entry: dict, service: str | None) -> DataMover:
     return DataMover(
         name=entry["name"],
         trigger=entry["trigger"],
         target=entry["target"],
         operation=entry["operation"],
         elements=tuple(entry["elements"]),
+        service=service,
     )
 
 

@@ -6,6 +6,7 @@ session store keeps, so a session runs the WDF as it was when the session starte
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,28 @@ SCHEMA_VERSION = 1
 
 # What `validate` puts in SESSION when the user gives none, so session-dependent paths still check.
 SESSION_PLACEHOLDER = "SESSION"
+
+# Names of workflows, services, data movers, steps and sessions: they become directory names,
+# job names and (later) OWNER/NAME keys, so never '/', never a leading '.' ('.', '..', hidden).
+NAME_MAX = 64
+NAME_RULE = f"1-{NAME_MAX} letters, digits, '_', '-' or '.', not starting with '.'"
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_.-]*")
+
+
+def name_problem(value: str) -> str | None:
+    """Why ``value`` is not a valid name (see NAME_RULE), or None if it is one."""
+    if not value:
+        return "a name cannot be empty"
+    if len(value) > NAME_MAX:
+        return f"a name has at most {NAME_MAX} characters, this one {len(value)}"
+    if value.startswith("."):
+        return "a name cannot start with '.'"
+    bad = next((c for c in value if not _NAME_CHARS.fullmatch(c)), None)
+    if bad is not None:
+        shown = "a blank" if bad.isspace() else repr(bad) if bad.isprintable() else "a control character"
+        return f"a name cannot contain {shown}"
+    return None
+
 
 ACCESS_MODES = ("RO", "RW")
 DEFAULT_ACCESS_MODE = "RW"
@@ -83,6 +106,8 @@ class DataMover:
     target: str
     operation: str
     elements: tuple[str, ...]
+    # The service that owns it (defined inside that service), or None for a top-level one.
+    service: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +158,7 @@ class Workflow:
                     "target": d.target,
                     "operation": d.operation,
                     "elements": list(d.elements),
+                    "service": d.service,
                 }
                 for d in self.datamovers.values()
             ],
@@ -163,7 +189,14 @@ class Workflow:
         try:
             services = [Service(s["name"], s["type"], dict(s["attributes"])) for s in data["services"]]
             datamovers = [
-                DataMover(d["name"], d["trigger"], d["target"], d["operation"], tuple(d["elements"]))
+                DataMover(
+                    d["name"],
+                    d["trigger"],
+                    d["target"],
+                    d["operation"],
+                    tuple(d["elements"]),
+                    d.get("service"),
+                )
                 for d in data["datamovers"]
             ]
             steps = [

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import posixpath
 import re
-import shlex
 from typing import Any
 
 import voluptuous as vol
 
-from .model import ACCESS_MODES, DEFAULT_ACCESS_MODE, OPERATIONS, TRIGGERS
+from ..errors import UsageError
+from ..jobs import parse_sbatch
+from .model import ACCESS_MODES, DEFAULT_ACCESS_MODE, NAME_RULE, OPERATIONS, TRIGGERS, name_problem
 from .problems import Path, Problems
 
 
@@ -34,19 +35,16 @@ def one_of(choices: tuple[str, ...] | list[str]) -> str:
 
 # ---- value validators --------------------------------------------------------------------------
 
-NAME_EXPECTED = "a name without blanks or '/'"
+NAME_EXPECTED = NAME_RULE
 
 
 def name(value: Any) -> str:
-    """A name: non-empty text without blanks, '/' or control characters."""
+    """A name: letters, digits, '_', '-', '.', not starting with '.', at most 64 characters."""
     if not isinstance(value, str) or not value:
         raise Expected(f"expected a name, got {_shown(value)}", NAME_EXPECTED)
-    if "/" in value:
-        raise Expected(f"invalid name {value!r}: it contains '/'", NAME_EXPECTED)
-    if any(c.isspace() for c in value):
-        raise Expected(f"invalid name {value!r}: it contains a blank", NAME_EXPECTED)
-    if not value.isprintable():
-        raise Expected(f"invalid name {value!r}: it contains a control character", NAME_EXPECTED)
+    why = name_problem(value)
+    if why is not None:
+        raise Expected(f"invalid name {_shown(value)}: {why}", NAME_EXPECTED)
     return value
 
 
@@ -68,13 +66,50 @@ def choice(*choices: str):
     return validate
 
 
+# Characters a path may not hold: quotes and ':' break the bind attach (SRC:DST:MODE) and the
+# ganesha configuration; control characters (a newline) could start a new configuration line.
+PATH_CHARS_EXPECTED = "no control character, quote or ':'"
+_PATH_BAD_CHARS = "'\"`:"
+PATH_EXPECTED = f"an absolute path with {PATH_CHARS_EXPECTED}"
+
+# System directories a service must never be mounted over (nor under).
+SYSTEM_DIRECTORIES = (
+    "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/boot",
+    "/root", "/run", "/var/lib", "/var/log", "/var/spool",
+)  # fmt: skip
+
+
+def path_chars_problem(value: str) -> str | None:
+    """Why ``value`` holds a character no path of a WDF may hold, or None."""
+    for c in value:
+        if c in _PATH_BAD_CHARS:
+            return f"it contains {c!r}"
+        if not c.isprintable():
+            return f"it contains a control character ({c!r})"
+    return None
+
+
 def absolute_path(value: Any) -> str:
-    """An absolute path, normalized (no trailing slash, no `.` or `..` left)."""
+    """An absolute path without control characters, quotes or ':', normalized."""
     if not isinstance(value, str) or not value.startswith("/"):
-        raise Expected(f"expected an absolute path, got {_shown(value)}", "a path starting with '/'")
-    if "\0" in value:
-        raise Expected("a path cannot contain a NUL character", "a path starting with '/'")
-    return posixpath.normpath(value)
+        raise Expected(f"expected an absolute path, got {_shown(value)}", PATH_EXPECTED)
+    why = path_chars_problem(value)
+    if why is not None:
+        raise Expected(f"invalid path {_shown(value)}: {why}", PATH_EXPECTED)
+    # normpath keeps a leading '//' (POSIX leaves its meaning open): '//etc' is '/etc' here.
+    return "/" + posixpath.normpath(value).lstrip("/")
+
+
+def mountpoint(value: Any) -> str:
+    """An absolute, normalized path that is not '/' and not inside a system directory."""
+    path = absolute_path(value)
+    expected = f"{PATH_EXPECTED}, outside {', '.join(SYSTEM_DIRECTORIES)}, such as /mnt/data"
+    if path == "/":
+        raise Expected("a service cannot be mounted on '/'", expected)
+    system = next((d for d in SYSTEM_DIRECTORIES if path == d or path.startswith(d + "/")), None)
+    if system is not None:
+        raise Expected(f"mountpoint {path!r} is inside the system directory {system}", expected)
+    return path
 
 
 def pattern(value: Any) -> str:
@@ -84,8 +119,9 @@ def pattern(value: Any) -> str:
         raise Expected(f"expected a glob pattern, got {_shown(value)}", expected)
     if value.startswith(("/", "~")):
         raise Expected(f"pattern {value!r} is absolute: it could reach outside the service", expected)
-    if "\0" in value:
-        raise Expected("a pattern cannot contain a NUL character", expected)
+    why = path_chars_problem(value)
+    if why is not None:
+        raise Expected(f"invalid pattern {_shown(value)}: {why}", expected)
     if ".." in value.split("/"):
         raise Expected(f"pattern {value!r} has a '..' component: it could escape the service", expected)
     return value
@@ -165,33 +201,36 @@ def size(value: Any) -> int:
     return result
 
 
-def positive_int(value: Any) -> int:
-    """A whole number of at least 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise Expected(
-            f"expected a whole number of at least 1, got {_shown(value)}", "a number such as 1 or 2"
-        )
-    return value
+def datanode_count(most: int):
+    """A validator of ``attributes.datanodes``: how many datanodes the service spans, 1 to ``most``."""
+    expected = "an integer: the number of datanodes the service spans" + (
+        ", 1 for this service type" if most == 1 else f", from 1 to {most}"
+    )
+
+    def validate(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Expected(
+                f"datanodes is a number of datanodes: expected an integer, got {_shown(value)}", expected
+            )
+        if not 1 <= value <= most:
+            span = "exactly one datanode" if most == 1 else f"1 to {most} datanodes"
+            raise Expected(f"this service type spans {span}, not {value}", expected)
+        return value
+
+    return validate
+
+
+SBATCH_EXPECTED = "a command such as 'sbatch my_step.sh' or 'sbatch --wrap \"...\"'"
 
 
 def sbatch_command(value: Any) -> str:
-    """A Slurm batch submission: ``sbatch [options] script [args]`` (its job can then be tracked)."""
-    expected = "a command such as 'sbatch my_step.sh' or 'sbatch --wrap \"...\"'"
+    """A Slurm batch submission that ``run`` will accept (checked by :func:`jobs.parse_sbatch`)."""
     if not isinstance(value, str) or not value.strip():
-        raise Expected(f"expected a command, got {_shown(value)}", expected)
+        raise Expected(f"expected a command, got {_shown(value)}", SBATCH_EXPECTED)
     try:
-        words = shlex.split(value)
-    except ValueError as exc:
-        raise Expected(f"cannot split the command into words: {exc}", expected) from None
-    if not words or words[0] != "sbatch":
-        first = words[0] if words else ""
-        raise Expected(
-            f"the command must be an sbatch command, not {first!r}: the job of any other command "
-            "could not be tracked by the workflow manager",
-            expected,
-        )
-    if len(words) < 2:
-        raise Expected("'sbatch' alone has no script to submit", expected)
+        parse_sbatch(value)
+    except UsageError as exc:
+        raise Expected(exc.message, SBATCH_EXPECTED) from None
     return value
 
 
@@ -258,7 +297,13 @@ TOP_LEVEL = vol.Schema(
 WORKFLOW = vol.Schema({vol.Required("name"): name})
 
 SERVICE = vol.Schema(
-    {vol.Required("name"): name, vol.Required("type"): text, vol.Required("attributes"): mapping}
+    {
+        vol.Required("name"): name,
+        vol.Required("type"): text,
+        vol.Required("attributes"): mapping,
+        # The design note's form: data movers owned by the service (checked one by one).
+        vol.Optional("datamovers"): sequence,
+    }
 )
 
 DATAMOVER = vol.Schema(
@@ -288,10 +333,11 @@ SERVICE_TYPES: dict[str, vol.Schema] = {
     "NFS": vol.Schema(
         {
             vol.Required("namespace"): absolute_path,
-            vol.Required("mountpoint"): absolute_path,
+            vol.Required("mountpoint"): mountpoint,
             vol.Optional("flavor"): name,
             vol.Optional("storagesize"): size,
-            vol.Optional("datanodes"): positive_int,
+            # One nfs-ganesha export on one datanode: an NFS service spans exactly one.
+            vol.Optional("datanodes"): datanode_count(1),
             # IO-SEA WM v1.6 WDFs say where the service should run: a module name.
             vol.Optional("location"): name,
         }

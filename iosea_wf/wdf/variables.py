@@ -23,6 +23,14 @@ _REFERENCE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _STATEMENT_TOKENS = {"block_begin", "raw_begin", "linestatement_begin"}
 _COMMENT_TOKENS = {"comment_begin", "linecomment_begin"}
 _ONLY_PLAIN = "only plain {{ NAME }} references"
+# Built in inside a step only: the step's name (as IO-SEA WM predefines it).
+STEP_VARIABLE = "STEP"
+
+
+def template_opener(text: str) -> str | None:
+    """The first of ``{{``, ``{%``, ``{#`` that ``text`` contains, or None: text from the command
+    line is a value, and a value is never a template."""
+    return next((o for o in _OPENERS if o in text), None)
 
 
 def _expression_kind(tokens: list[tuple[str, str]]) -> str:
@@ -99,9 +107,11 @@ def _substitute_text(text: str, variables: dict[str, str], problems: Problems, p
     missing = [name for name in dict.fromkeys(_REFERENCE.findall(text)) if name not in variables]
     for name in missing:
         known = ", ".join(sorted(variables)) or "none"
-        problems.add(
-            path, f"undefined variable {name!r}", f"{name}=value on the command line; defined: {known}"
-        )
+        if name == STEP_VARIABLE:
+            hint = "{{ STEP }} only in a step's values, where it is the step's name"
+        else:
+            hint = f"{name}=value on the command line; defined: {known}"
+        problems.add(path, f"undefined variable {name!r}", hint)
     if missing:
         problems.tainted.add(path)
         return text

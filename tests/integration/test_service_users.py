@@ -24,7 +24,7 @@ from tests.api_service import need_munge, running_service
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"
 # What the CLI imports on the client side (cli, manager, store, site, wdf, api.client).
-CLIENT_REQUIREMENTS = ["httpx", "pyyaml", "voluptuous", "tinydb", "rich"]
+CLIENT_REQUIREMENTS = ["httpx", "pyyaml", "jinja2", "voluptuous", "tinydb", "rich"]
 
 WDF = """\
 workflow:

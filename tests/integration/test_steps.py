@@ -42,6 +42,16 @@ def sample(tmp_path, monkeypatch):
     return work, namespaces
 
 
+def _session_id(iosea, session: str) -> str:
+    return iosea("status", f"SESSION={session}", "--json").json()["id"]
+
+
+def _remove_tier_dirs(session: str) -> None:
+    for tier in load_site().tiers.values():
+        for d in Path(tier.path, current_user()).glob(f"{session}.*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _start(iosea, session, namespaces):
     r = iosea(
         "start", "WORKFLOW=sample-wdf.yaml", f"SESSION={session}", f"NS1={namespaces['ns1']}",
@@ -71,8 +81,14 @@ def test_design_note_workflow_as_written(iosea, sample):
             ("datamover2", "step_stop", "COMPLETED"),
         }
         site = load_site()
-        flash = Path(site.tiers["flash"].path, current_user(), "note", "ephemeral_service_2")
-        tape = Path(site.tiers["tape"].path, current_user(), "note", "ephemeral_service_2")
+        where = {m["name"]: Path(m["target_path"]) for m in view["datamovers"]}
+        flash, tape = where["datamover1"], where["datamover2"]
+        sid = _session_id(iosea, "note")
+        for tier, path in (("flash", flash), ("tape", tape)):
+            # the session's own directory: its name and the start of its id
+            assert path == Path(
+                site.tiers[tier].path, current_user(), f"note.{sid[:12]}", "ephemeral_service_2"
+            )
         # step_start copied gauges and input to flash, as they were before the step
         assert {p.name: _sha(p) for p in (flash / "gauges").iterdir()} == before
         assert (flash / "input" / "in.txt").read_text() == "1 2 3\n" * 100
@@ -92,8 +108,7 @@ def test_design_note_workflow_as_written(iosea, sample):
         assert mover["progress"]["state"] == "completed" and mover["progress"]["files_done"] == 5
     finally:
         assert iosea("stop", "SESSION=note").code == 0
-        for tier in load_site().tiers.values():
-            shutil.rmtree(Path(tier.path, current_user(), "note"), ignore_errors=True)
+        _remove_tier_dirs("note")
 
 
 WDF_FAIL = """\

@@ -92,8 +92,9 @@ def both(service, tmp_path, monkeypatch, capsys):
 
 
 def _mask(text: str) -> str:
-    """Output with the times that differ between two runs a moment apart blanked."""
+    """Output with what differs between two runs a moment apart (times, session ids) blanked."""
     text = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "<time>", text)
+    text = re.sub(r'"id": "[0-9a-f]{32}"', '"id": <id>', text)
     return re.sub(r'"(started_at|ended_at)": [0-9.]+', r'"\1": <t>', text)
 
 

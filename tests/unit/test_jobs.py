@@ -14,11 +14,25 @@ from iosea_wf.errors import UsageError
     "command, options, rest, wrap",
     [
         ("sbatch My_Step_A", [], ["My_Step_A"], None),
-        ("sbatch -N 2 -t 10 job.sh a b", ["-N", "2", "-t", "10"], ["job.sh", "a", "b"], None),
-        ("sbatch -N2 --time=10 --exclusive job.sh", ["-N2", "--time=10", "--exclusive"], ["job.sh"], None),
-        ("sbatch --mem 100 --hold job.sh -x", ["--mem", "100", "--hold"], ["job.sh", "-x"], None),
-        ("sbatch -p gpu --wrap 'echo hi'", ["-p", "gpu"], [], "echo hi"),
+        ("sbatch -N 2 -t 10 job.sh a b", ["--nodes=2", "--time=10"], ["job.sh", "a", "b"], None),
+        (
+            "sbatch -N2 --time=10 --exclusive job.sh",
+            ["--nodes=2", "--time=10", "--exclusive"],
+            ["job.sh"],
+            None,
+        ),
+        ("sbatch --mem 100 --hold job.sh -x", ["--mem=100", "--hold"], ["job.sh", "-x"], None),
+        ("sbatch -p gpu --wrap 'echo hi'", ["--partition=gpu"], [], "echo hi"),
         ("sbatch --wrap='echo hi'", [], [], "echo hi"),
+        # Unambiguous prefixes, as sbatch's getopt accepts them, come back spelled out.
+        (
+            "sbatch --cpus-per-t 2 --ntasks-per-n=4 --wr=true",
+            ["--cpus-per-task=2", "--ntasks-per-node=4"],
+            [],
+            "true",
+        ),
+        ("sbatch -vHN1 job.sh", ["--verbose", "--hold", "--nodes=1"], ["job.sh"], None),
+        ("sbatch --nice --exclusive=user -- -job.sh", ["--nice", "--exclusive=user"], ["-job.sh"], None),
     ],
 )
 def test_parse_sbatch(command, options, rest, wrap):
@@ -30,11 +44,30 @@ def test_parse_sbatch(command, options, rest, wrap):
     [
         ("srun job.sh", "must be an sbatch command"),
         ("sbatch", "names no batch script"),
-        ("sbatch --parsable job.sh", "set by iosea-wf"),
-        ("sbatch --wait job.sh", "set by iosea-wf"),
-        ("sbatch -d afterok:1 job.sh", "set by iosea-wf"),
-        ("sbatch --dependency=afterok:1 job.sh", "set by iosea-wf"),
+        ("sbatch 'job.sh", "cannot split"),
+        ("sbatch --parsable job.sh", "cannot give --parsable: iosea-wf sets it"),
+        ("sbatch --wait job.sh", "cannot give --wait"),
+        ("sbatch -W job.sh", "cannot give -W (that is --wait)"),
+        ("sbatch -vW job.sh", "cannot give -W (that is --wait)"),
+        ("sbatch -d afterok:1 job.sh", "cannot give -d (that is --dependency)"),
+        ("sbatch --dependency=afterok:1 job.sh", "cannot give --dependency"),
+        ("sbatch --depend=afterok:1 job.sh", "cannot give --depend (that is --dependency)"),
+        ("sbatch --test-on job.sh", "cannot give --test-on (that is --test-only)"),
+        ("sbatch --te job.sh", "cannot give --te (that is --test-only)"),
+        ("sbatch --job-name=x job.sh", "cannot give --job-name"),
+        ("sbatch -Jx job.sh", "cannot give -J (that is --job-name)"),
+        ("sbatch --chdir /x job.sh", "cannot give --chdir"),
+        ("sbatch --array=1-3 job.sh", "job array"),
+        ("sbatch -M other job.sh", "another cluster"),
+        ("sbatch --uid=0 job.sh", "session's owner"),
+        ("sbatch --pa job.sh", "ambiguous: it could be --parsable, --partition"),
+        ("sbatch --frobnicate job.sh", "sbatch has no option --frobnicate"),
+        ("sbatch -Z job.sh", "sbatch has no option -Z"),
+        ("sbatch --hold=1 job.sh", "takes no value"),
         ("sbatch -t", "needs a value"),
+        ("sbatch --time", "needs a value"),
+        ("sbatch -N1 : -N2 job.sh", "heterogeneous"),
+        ("sbatch --wrap=true job.sh", "both --wrap and a batch script"),
     ],
 )
 def test_parse_sbatch_refuses(command, fragment):
@@ -43,11 +76,25 @@ def test_parse_sbatch_refuses(command, fragment):
     assert fragment in str(exc.value)
 
 
+@pytest.mark.parametrize(
+    "command", ["sbatch -p gpu job.sh", "sbatch --part=gpu job.sh", "sbatch -pgpu job.sh"]
+)
+def test_partition_is_refused_only_when_the_step_gives_a_location(command):
+    assert jobs.parse_sbatch(command).gives("partition")
+    with pytest.raises(UsageError) as exc:
+        jobs.parse_sbatch(command, location_given=True)
+    assert "the step gives a `location`" in str(exc.value)
+
+
+def test_every_reserved_option_is_an_sbatch_option():
+    assert set(jobs.RESERVED_OPTIONS) <= set(jobs.SBATCH_OPTIONS)
+    assert set(jobs.SBATCH_SHORT.values()) <= set(jobs.SBATCH_OPTIONS)
+
+
 def test_step_argv_keeps_user_partition_and_adds_ours():
-    argv = jobs.step_argv(
-        ["-p", "mine"], partition="gpu", job_name="iosea.s.a.1", cwd="/w", script="/x/step.sh"
-    )
-    assert argv[:4] == ["sbatch", "--parsable", "-p", "mine"]
+    options = jobs.parse_sbatch("sbatch -p mine job.sh").options
+    argv = jobs.step_argv(options, partition="gpu", job_name="iosea.s.a.1", cwd="/w", script="/x/step.sh")
+    assert argv[:3] == ["sbatch", "--parsable", "--partition=mine"]
     assert "--partition=gpu" not in argv
     argv = jobs.step_argv([], partition="gpu", job_name="iosea.s.a.1", cwd="/w", script="/x/step.sh")
     assert "--partition=gpu" in argv and "--job-name=iosea.s.a.1" in argv and argv[-1] == "/x/step.sh"
@@ -119,3 +166,31 @@ def test_mover_script_is_an_argument_list(tmp_path):
     last = out.read_text().splitlines()[-1]
     assert last.startswith("exec iosea-wf-mover move --source '/ns x' --target /tier/t --progress ")
     assert last.endswith("-- 'gauges/*.hdf5'")
+
+
+@pytest.mark.parametrize(
+    "directive, refused",
+    [
+        ("#SBATCH --wait", True),
+        ("#SBATCH -W", True),
+        ("#SBATCH --test-on", True),
+        ("#SBATCH --depend=afterok:1", True),
+        ("#SBATCH --array=1-4 # a comment", True),
+        ("#SBATCH --job-name=mine", False),  # the command line's --job-name wins
+        ("#SBATCH -p gpu --time=5", False),
+        ("#SBATCH --time=5 # --wait in a comment", False),
+    ],
+)
+def test_step_script_directives_are_checked(tmp_path, directive, refused):
+    (tmp_path / "job.sh").write_text(f"#!/bin/sh\n{directive}\necho hi\n")
+    write = lambda: jobs.write_step_script(  # noqa: E731
+        tmp_path / "step.sh", cwd=str(tmp_path), script_and_args=["job.sh"], wrap=None, env={},
+        attached=[], attach_mode="env",
+    )  # fmt: skip
+    if refused:
+        with pytest.raises(UsageError) as exc:
+            write()
+        assert "cannot be given" in str(exc.value)
+    else:
+        write()
+        assert directive.split(" #")[0] in (tmp_path / "step.sh").read_text()

@@ -168,7 +168,8 @@ def test_fifo_and_directory_in_the_way_are_per_file_errors(tmp_path):
     write(os.path.join(src, "blocked.txt"), b"b")
     os.mkfifo(os.path.join(src, "pipe"))
     os.makedirs(os.path.join(dst, "blocked.txt"))  # a directory where a file is expected
-    res = engine.transfer("copy", src, dst, ["*"])
+    # replace=True: the rename itself meets the directory (without it, it is refused before).
+    res = engine.transfer("copy", src, dst, ["*"], replace=True)
     assert res.exit_code == 1 and res.state == "failed"
     assert any(e.startswith("pipe: not a regular file") for e in res.errors)
     assert any(e.startswith("blocked.txt: Is a directory") for e in res.errors)
@@ -213,7 +214,7 @@ def test_move_rerun_verifies_file_present_on_both_sides(tmp_path):
     write(os.path.join(src, "differs.bin"), b"y" * 5000, mtime=1_600_000_000)
     write(os.path.join(dst, "same.bin"), b"x" * 5000, mtime=1_600_000_000)
     write(os.path.join(dst, "differs.bin"), b"z" * 5000, mtime=1_600_000_000)  # same size and mtime
-    res = engine.transfer("move", src, dst, ["*"])
+    res = engine.transfer("move", src, dst, ["*"], replace=True)  # else differs.bin is refused
     assert res.exit_code == 0
     assert os.listdir(src) == []
     with open(os.path.join(dst, "differs.bin"), "rb") as f:

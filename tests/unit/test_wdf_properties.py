@@ -3,7 +3,9 @@
 Random YAML documents, random mutations of the valid sample (keys deleted, types changed,
 entries duplicated, template expressions injected) and random bytes never produce any other
 exception (a traceback for the user). When the CLI is there, ``iosea-wf validate`` on the same
-file exits 0 or 2, never anything else.
+file exits 0 or 2, never anything else. Every WDF found valid is also placed on the site's
+datanodes and each of its steps planned as ``start`` and ``run`` would (no Ansible, no Slurm):
+that too ends only with a result or an error whose exit code is in the table.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iosea_wf.errors import WDFError
+from iosea_wf import jobs, manager, steps
+from iosea_wf.errors import EXIT_CODES, IoseaError, WDFError
 from iosea_wf.site import load_site
 from iosea_wf.wdf import Workflow, load_wdf
 from tests.unit.wdf_fixtures import VARIABLES
@@ -107,6 +110,40 @@ def load_never_crashes(path: Path, site, cli=None) -> None:
     assert isinstance(workflow, Workflow)
     data = json.loads(json.dumps(workflow.to_dict()))
     assert Workflow.from_dict(data) == workflow
+    plan_never_crashes(workflow, path, site)
+
+
+def plan_never_crashes(workflow: Workflow, path: Path, site) -> None:
+    """Place the services as start does and plan every step as run does: a table exit code at worst."""
+    cwd = path.parent / "cwd"
+    ctx = manager.Context(state_dir=str(path.parent / "state"), user="alice", _site=site)
+    try:
+        placements = manager.place_services(
+            site, workflow, lambda _: {"cores": 0, "memory_mb": 0, "storage_gb": 0}
+        )
+    except IoseaError as exc:
+        assert exc.exit_code in EXIT_CODES
+        return
+    record = manager.session_record(site, workflow, str(path), "alice", "s1", "0" * 32, placements, 0.0)
+    record["state"] = "ACTIVE"
+    for step in workflow.steps.values():
+        cwd.mkdir(exist_ok=True)
+        # The one check left to run: the batch script exists where `run` is called.
+        script = jobs.parse_sbatch(step.command).script_and_args[:1]
+        if script and not script[0].startswith("/") and "\0" not in script[0]:
+            target = cwd / script[0]
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text("#!/bin/sh\ntrue\n")
+            except OSError:
+                pass
+        try:
+            instance, pipeline = steps.plan_run(ctx, record, step.name, str(cwd))
+        except IoseaError as exc:
+            assert exc.exit_code in EXIT_CODES
+            continue
+        assert pipeline["step"]["argv"][0] == "sbatch"
+        assert instance["name"] == step.name
 
 
 def paths_in(data, prefix=()):
@@ -204,3 +241,105 @@ def test_random_bytes(raw, workdir, site, cli):
     path = workdir / "binary.yaml"
     path.write_bytes(raw)
     load_never_crashes(path, site, cli)
+
+
+name_text = st.text(alphabet="abcXYZ019_-.{}/ :'\n", min_size=0, max_size=10)
+simple_names = st.sampled_from(["a", "b", "svc1", "svc2", "dm1", "dm2", "step_A", "..", ".x", "a" * 65])
+
+
+@st.composite
+def generated_workflows(draw):
+    """WDFs built key by key, with service-level data movers, datanodes and {{ STEP }}: a clean
+    one (valid but for its references) or a noisy one, where any value may be a wrong one."""
+    names = st.one_of(simple_names, name_text)
+    noisy = draw(st.booleans())
+
+    def mostly(good, *others):
+        if not noisy:
+            return st.just(good)
+        return st.one_of(
+            st.just(good), *(o if isinstance(o, st.SearchStrategy) else st.just(o) for o in others)
+        )
+
+    def mover(k: int):
+        return st.fixed_dictionaries(
+            {
+                "name": mostly(f"dm{k}", names),
+                "trigger": st.sampled_from(["step_start", "step_stop"]) if not noisy else st.just("later"),
+                "target": mostly("flash", "disk", "tape", "nowhere"),
+                "operation": st.sampled_from(["copy", "move"]),
+                "elements": mostly("in/*", ["a/*", "b/**"], "../x", "{{ STEP }}/*"),
+            }
+        )
+
+    counter = iter(range(100))
+    services = []
+    for i in range(draw(st.integers(0, 3))):
+        attributes = {
+            "namespace": draw(mostly(f"/tmp/ns{i}", "/", "/tmp/a:b", "/tmp/{{ STEP }}")),
+            "mountpoint": draw(mostly(f"/mnt/m{i}", "/", "/etc/x", "//etc", f"/scratch/{i}")),
+        }
+        if draw(st.booleans()):
+            attributes["datanodes"] = draw(mostly(1, 2, 0, [1], "1", True))
+        if draw(st.booleans()):
+            attributes["flavor"] = draw(mostly("small", "medium", "large", "huge"))
+        service = {"name": draw(mostly(f"svc{i}", names)), "type": "NFS", "attributes": attributes}
+        if draw(st.booleans()):
+            service["datamovers"] = [draw(mover(next(counter))) for _ in range(draw(st.integers(1, 2)))]
+        services.append(service)
+    data = {"workflow": {"name": draw(mostly("wf", names))}, "services": services}
+    if draw(st.booleans()):
+        data["datamovers"] = [draw(mover(next(counter))) for _ in range(draw(st.integers(1, 2)))]
+    mover_names = [m["name"] for m in data.get("datamovers", [])] + [
+        m["name"] for s in services for m in s.get("datamovers", [])
+    ]
+    steps_ = []
+    for j in range(draw(st.integers(1, 3))):
+        command = draw(
+            mostly(
+                "sbatch job.sh",
+                "sbatch --output={{ STEP }}.out job.sh",
+                "sbatch -N1 --time=5 sub/{{ STEP }}.sh",
+                "sbatch --wrap 'echo {{ STEP }}'",
+                "sbatch --parsable job.sh",
+                "sbatch --test-on job.sh",
+                "sbatch --part=gpu job.sh",
+                "sbatch -vW job.sh",
+            )
+        )
+        step = {"name": draw(mostly(f"step{j}", names)), "command": command}
+        if draw(st.booleans()):
+            step["location"] = draw(mostly("cpu_module", ["gpu_module"], "nomod"))
+        uses = []
+        for s in draw(st.lists(st.sampled_from(services), max_size=2, unique_by=id)) if services else []:
+            use = {"name": s["name"] + draw(st.sampled_from(["", " RO", " RW"]))}
+            if mover_names and draw(st.booleans()):
+                use["datamovers"] = draw(st.lists(st.sampled_from(mover_names), max_size=2, unique=True))
+            uses.append(use)
+        if uses:
+            step["services"] = uses
+        steps_.append(step)
+    data["steps"] = steps_
+    return data
+
+
+@SETTINGS
+@given(data=generated_workflows())
+def test_generated_workflows_load_place_and_plan(data, workdir, site, cli):
+    path = workdir / "generated.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    load_never_crashes(path, site, cli)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent / "wdf_valid").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_valid_corpus_is_placed_and_planned(path, site, tmp_path):
+    copy_ = tmp_path / path.name
+    copy_.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    workflow = load_wdf(copy_, VARIABLES, site)
+    plan_never_crashes(workflow, copy_, site)
+    # Relative scripts were created: every step of these files is planned (step.sh written).
+    planned = list((tmp_path / "state" / "jobs").glob("*/*/step.sh"))
+    scripts = [jobs.parse_sbatch(s.command).script_and_args for s in workflow.steps.values()]
+    assert len(planned) == sum(1 for s in scripts if not s or not s[0].startswith("/")), planned

@@ -14,7 +14,9 @@ Arguments (see ../README.md): ``pipeline`` with ``cwd``, ``start_movers``, ``ste
 batch script (``--dependency`` is inserted before it: after it, sbatch would pass it to the
 script). Returns ``job_ids``: ``{start_movers: [...], step: ID, stop_movers: [...]}``. When an
 ``sbatch`` is refused, what was already submitted is cancelled and the task fails with sbatch's
-own message.
+own message; ``sbatch_refused`` is then true when sbatch itself answered (it rejected an option,
+or slurmctld refused the job or could not be reached), false when the shell or connection failed
+before sbatch ran (e.g. a missing ``cwd``): the caller maps the first to a Slurm error.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from ansible.plugins.action import ActionBase
 
 class SubmissionRefused(Exception):
     """sbatch (or the connection) refused one job of the chain."""
+
+    def __init__(self, reason: str, by_sbatch: bool):
+        super().__init__(reason)
+        self.by_sbatch = by_sbatch
 
 
 class ActionModule(ActionBase):
@@ -44,7 +50,8 @@ class ActionModule(ActionBase):
         job_id = (out.get("stdout") or "").strip().split(";")[0]
         if out.get("rc") != 0 or not job_id.isdigit():
             reason = (out.get("stderr") or out.get("stdout") or f"rc={out.get('rc')}").strip()
-            raise SubmissionRefused(reason)
+            # Every refusal of sbatch's own (bad option, job slurmctld will not take) says so.
+            raise SubmissionRefused(reason, by_sbatch="sbatch: error:" in reason)
         return job_id
 
     def run(self, tmp=None, task_vars=None):
@@ -82,6 +89,7 @@ class ActionModule(ActionBase):
                 failed=True,
                 changed=bool(submitted),
                 msg=f"sbatch refused the job: {exc}",
+                sbatch_refused=exc.by_sbatch,
                 cancelled=submitted,
             )
             return result
