@@ -281,6 +281,10 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post(f"{API}/sessions/{{name}}/steps/{{step}}/runs", summary="run a step (run)")
     def run(ctx: Ctx, name: str, step: str, body: RunRequest) -> dict[str, Any]:
+        wanted = _step_script(ctx, name, step)
+        if wanted is not None and (body.script is None or body.script.name != wanted):
+            # Never fall back to reading it here: the service would read a user's file as itself.
+            raise UsageError(f"the step's batch script {wanted} was not sent with the request")
         if body.script is not None:
             try:
                 ctx.sent_files[body.script.name] = base64.b64decode(body.script.content_b64, validate=True)

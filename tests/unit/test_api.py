@@ -323,3 +323,22 @@ def test_errors_come_back_as_the_same_class_and_exit_code():
         assert (back.exit_code, str(back)) == (exc.exit_code, str(exc))
     odd = client.rebuild_error({"type": "Gone", "exit_code": 9, "message": "m", "details": []})
     assert odd.exit_code == 9 and str(odd) == "m"
+
+
+def test_run_without_the_step_script_is_refused_the_service_never_reads_it(service, monkeypatch, tmp_path):
+    sock, _ = service
+    wdf = tmp_path / "wdf.yaml"
+    wdf.write_text(NO_SERVICE_WDF)
+    monkeypatch.setenv("IOSEA_WF_URL", f"unix://{sock}")
+    name = f"noscript-{os.getpid()}"
+    assert cli.main(["start", f"WORKFLOW={wdf}", f"SESSION={name}"]) == 0
+    (tmp_path / "job.sh").write_text("#!/bin/sh\ntrue\n")
+    path = f"/v1/sessions/{name}/steps/step1/runs"
+    for script in (None, {"name": "other.sh", "content_b64": ""}):
+        body = json.dumps({"cwd": str(tmp_path), "script": script}).encode()
+        headers = {identity.CREDENTIAL_HEADER: _signed(path, body, "POST")}
+        headers["Content-Type"] = "application/json"
+        status, answer = raw_request(sock, "POST", path, body, headers)
+        assert status == 400, answer
+        assert answer["error"]["message"] == "the step's batch script job.sh was not sent with the request"
+    assert cli.main(["stop", f"SESSION={name}"]) == 0
