@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -55,14 +56,17 @@ steps:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    """A running service: (socket path, its state dir). The socket's folder is open to every user."""
+    """A running service: (socket path, state dir, TCP port). The socket's folder is open to all."""
     need_munge()
     folder = Path(tempfile.mkdtemp(prefix="iosea-wf-api-", dir="/tmp"))
     folder.chmod(0o755)
     sock, state = folder / "wm.sock", tmp_path_factory.mktemp("service-state")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     try:
-        with running_service(sock, state):
-            yield sock, state
+        with running_service(sock, state, "--tcp", f"127.0.0.1:{port}"):
+            yield sock, state, port
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -70,7 +74,7 @@ def service(tmp_path_factory):
 @pytest.fixture
 def both(service, tmp_path, monkeypatch, capsys):
     """Run the CLI in-process twice: through the service and alone. both(*argv) -> (svc, local)."""
-    sock, _ = service
+    sock, *_ = service
     local_state = tmp_path / "local-state"
     monkeypatch.delenv("IOSEA_WF_SITE", raising=False)
 
@@ -158,7 +162,7 @@ def test_a_session_started_listed_and_stopped_through_the_service_reads_as_in_pr
 
 
 def test_state_dir_is_ignored_with_a_notice_when_a_service_is_named(service, monkeypatch, capsys, tmp_path):
-    sock, _ = service
+    sock, *_ = service
     monkeypatch.setenv("IOSEA_WF_URL", f"unix://{sock}")
     assert cli.main(["list", "--state-dir", str(tmp_path / "ignored")]) == 0
     err = capsys.readouterr().err
@@ -181,7 +185,7 @@ def _signed(path: str, body: bytes = b"", method: str = "GET", query: bytes = b"
 
 
 def test_no_credential_is_refused_with_401(service):
-    sock, _ = service
+    sock, *_ = service
     status, body = raw_request(sock, "GET", "/v1/sessions")
     assert status == 401
     assert body["error"]["exit_code"] == EXIT_UNAUTHENTICATED
@@ -192,7 +196,7 @@ def test_no_credential_is_refused_with_401(service):
 
 
 def test_a_replayed_credential_is_refused(service):
-    sock, _ = service
+    sock, *_ = service
     headers = {identity.CREDENTIAL_HEADER: _signed("/v1/sessions")}
     assert raw_request(sock, "GET", "/v1/sessions", headers=headers)[0] == 200
     status, body = raw_request(sock, "GET", "/v1/sessions", headers=headers)
@@ -200,7 +204,7 @@ def test_a_replayed_credential_is_refused(service):
 
 
 def test_an_expired_credential_is_refused(service):
-    sock, _ = service
+    sock, *_ = service
     cred = identity.make_credential(identity.request_digest("GET", "/v1/sessions", b"", b""), ttl=1)
     time.sleep(2.1)
     status, body = raw_request(sock, "GET", "/v1/sessions", headers={identity.CREDENTIAL_HEADER: cred})
@@ -208,7 +212,7 @@ def test_an_expired_credential_is_refused(service):
 
 
 def test_a_credential_made_for_another_request_is_refused(service):
-    sock, _ = service
+    sock, *_ = service
     # Made for a harmless request, sent with another (another path, then another body).
     headers = {identity.CREDENTIAL_HEADER: _signed("/v1/sessions")}
     status, body = raw_request(sock, "GET", "/v1/sessions/victim", headers=headers)
@@ -228,7 +232,7 @@ def _as_nobody(*argv: str, stdin: str | None = None) -> subprocess.CompletedProc
 
 
 def test_a_name_in_the_request_is_ignored_the_credential_says_who_calls(service):
-    sock, _ = service
+    sock, *_ = service
     if os.geteuid() != 0 or not shutil.which("curl"):
         pytest.skip("needs root (to act as nobody) and curl")
     # nobody makes a credential for a request that claims, in every way a request can, to be root.
@@ -243,7 +247,7 @@ def test_a_name_in_the_request_is_ignored_the_credential_says_who_calls(service)
 
 
 def test_a_credential_of_another_user_sent_by_root_is_refused_by_peer_credentials(service):
-    sock, _ = service
+    sock, *_ = service
     if os.geteuid() != 0:
         pytest.skip("needs root (to act as nobody)")
     cred = _as_nobody("munge", stdin=identity.request_digest("GET", "/v1/whoami", b"", b"")).stdout.strip()
@@ -253,7 +257,7 @@ def test_a_credential_of_another_user_sent_by_root_is_refused_by_peer_credential
 
 
 def test_the_cli_says_unauthenticated_with_exit_11(service, monkeypatch, capsys):
-    sock, _ = service
+    sock, *_ = service
     monkeypatch.setenv("IOSEA_WF_URL", f"unix://{sock}")
     # A munge that cannot reach munged: the CLI has no proof to send.
     monkeypatch.setattr(identity, "make_credential", lambda payload, ttl=60: "MUNGE:not-a-credential")
@@ -263,7 +267,7 @@ def test_the_cli_says_unauthenticated_with_exit_11(service, monkeypatch, capsys)
 
 
 def test_openapi_document_lists_one_route_per_command(service):
-    sock, _ = service
+    sock, *_ = service
     status, doc = raw_request(sock, "GET", "/v1/openapi.json")
     assert status == 200
     paths = set(doc["paths"])
@@ -326,7 +330,7 @@ def test_errors_come_back_as_the_same_class_and_exit_code():
 
 
 def test_run_without_the_step_script_is_refused_the_service_never_reads_it(service, monkeypatch, tmp_path):
-    sock, _ = service
+    sock, *_ = service
     wdf = tmp_path / "wdf.yaml"
     wdf.write_text(NO_SERVICE_WDF)
     monkeypatch.setenv("IOSEA_WF_URL", f"unix://{sock}")
@@ -342,3 +346,17 @@ def test_run_without_the_step_script_is_refused_the_service_never_reads_it(servi
         assert status == 400, answer
         assert answer["error"]["message"] == "the step's batch script job.sh was not sent with the request"
     assert cli.main(["stop", f"SESSION={name}"]) == 0
+
+
+def test_tcp_serves_the_same_api_with_munge_as_the_only_proof(service, monkeypatch, capsys):
+    sock, _, port = service
+    monkeypatch.setenv("IOSEA_WF_URL", f"http://127.0.0.1:{port}")
+    assert cli.main(["show", "flavors", "--json"]) == 0
+    assert "medium" in json.loads(capsys.readouterr().out)["flavors"][1]["name"]
+    import httpx
+
+    r = httpx.get(f"http://127.0.0.1:{port}/v1/whoami")
+    assert r.status_code == 401 and r.json()["error"]["exit_code"] == EXIT_UNAUTHENTICATED
+    cred = _signed("/v1/whoami")
+    r = httpx.get(f"http://127.0.0.1:{port}/v1/whoami", headers={identity.CREDENTIAL_HEADER: cred})
+    assert r.json() == {"user": identity.current_user()}
