@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from iosea_wf.api.app import SUBMITS_AS_CALLER
 from tests.api_service import need_munge, running_service
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,6 +135,13 @@ def _wdf_of(user: pwd.struct_passwd) -> str:
     return str(path)
 
 
+def _job_script(user: pwd.struct_passwd) -> None:
+    path = Path(user.pw_dir, "job.sh")
+    path.write_text("#!/bin/sh\nid -un > whoami.txt\n")
+    os.chown(path, user.pw_uid, user.pw_gid)
+    path.chmod(0o700)
+
+
 def test_a_user_acts_on_their_own_sessions_only(users, as_user):
     alice, bob = users
     started = as_user(alice, "start", f"WORKFLOW={_wdf_of(alice)}", "SESSION=mine", "--json")
@@ -157,6 +165,20 @@ def test_a_user_acts_on_their_own_sessions_only(users, as_user):
         assert done.returncode == 4, (argv, done.stdout, done.stderr)
         assert f"user {bob.pw_name} has no session named 'mine'" in done.stderr
         assert "Traceback" not in done.stderr
+
+    # alice's own interactive access runs here, as alice, and is recorded by the service.
+    access = as_user(alice, "access", "SESSION=mine", "--immediate", "--", "id", "-un")
+    assert (access.returncode, access.stdout.strip()) == (0, alice.pw_name), access.stderr
+    _job_script(alice)
+    ran = as_user(alice, "run", "SESSION=mine", "STEP=step1", "--wait")
+    if SUBMITS_AS_CALLER:
+        assert ran.returncode == 0, ran.stderr
+        out = Path(alice.pw_dir, "whoami.txt")
+        assert out.read_text().strip() == alice.pw_name and out.stat().st_uid == alice.pw_uid
+    else:
+        # Never as the service's user: refused until jobs can be submitted as the caller.
+        assert ran.returncode == 8, ran.stderr
+        assert f"cannot yet submit jobs as {alice.pw_name}" in ran.stderr
 
     # The same name is free for bob: names are unique per user.
     assert as_user(bob, "start", f"WORKFLOW={_wdf_of(bob)}", "SESSION=mine").returncode == 0
