@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -110,19 +111,22 @@ def users():
 def as_user(client_bin, service):
     """as_user(user, *argv) runs `iosea-wf ARGV` as that user, in their home, through the service."""
 
-    def run(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess:
+    def command(user: pwd.struct_passwd, *argv: str) -> list[str]:
         env = {
             "PATH": f"{client_bin}:/usr/bin:/bin",
             "HOME": user.pw_dir,
             "IOSEA_WF_URL": service,
             "LANG": "C.UTF-8",
         }
-        return subprocess.run(
-            ["runuser", "-u", user.pw_name, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
-             str(client_bin / "iosea-wf"), *argv],
-            cwd=user.pw_dir, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        return ["runuser", "-u", user.pw_name, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                str(client_bin / "iosea-wf"), *argv]  # fmt: skip
 
+    def run(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            command(user, *argv), cwd=user.pw_dir, capture_output=True, text=True, timeout=120
+        )
+
+    run.command = command
     return run
 
 
@@ -167,7 +171,11 @@ def test_a_user_acts_on_their_own_sessions_only(users, as_user):
         assert "Traceback" not in done.stderr
 
     # alice's own interactive access runs here, as alice, and is recorded by the service.
-    access = as_user(alice, "access", "SESSION=mine", "--immediate", "--", "id", "-un")
+    for _ in range(10):  # the site is shared: other tests may hold the nodes for a moment
+        access = as_user(alice, "access", "SESSION=mine", "--immediate", "--", "id", "-un")
+        if not (access.returncode == 8 and "busy" in access.stderr):
+            break
+        time.sleep(2)
     assert (access.returncode, access.stdout.strip()) == (0, alice.pw_name), access.stderr
     _job_script(alice)
     ran = as_user(alice, "run", "SESSION=mine", "STEP=step1", "--wait")
@@ -200,3 +208,39 @@ def test_a_wdf_only_its_owner_can_read_is_read_by_the_cli_not_the_service(users,
     denied = as_user(bob, "validate", f"WORKFLOW={wdf}")
     assert denied.returncode == 2
     assert "cannot read the workflow description: Permission denied" in denied.stderr
+
+
+def test_eight_users_starting_two_sessions_each_at_once_are_all_recorded_and_stoppable(as_user):
+    tag = secrets.token_hex(3)
+    crowd = []
+    try:
+        for i in range(8):
+            name = f"iwf-u{i}-{tag}"
+            subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True)
+            crowd.append(pwd.getpwnam(name))
+        wdfs = {u.pw_name: _wdf_of(u) for u in crowd}
+        starts = [
+            subprocess.Popen(
+                as_user.command(u, "start", f"WORKFLOW={wdfs[u.pw_name]}", f"SESSION=s{k}"),
+                cwd=u.pw_dir,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for u in crowd
+            for k in (1, 2)
+        ]
+        for p in starts:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        for u in crowd:
+            listed = json.loads(as_user(u, "list", "--json").stdout)["sessions"]
+            assert sorted((s["session"], s["owner"]) for s in listed) == [
+                ("s1", u.pw_name),
+                ("s2", u.pw_name),
+            ]
+            for k in (1, 2):
+                assert as_user(u, "stop", f"SESSION=s{k}").returncode == 0
+    finally:
+        for u in crowd:
+            subprocess.run(["userdel", "-r", u.pw_name], check=False, capture_output=True)
