@@ -7,7 +7,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/.." && pwd)
 export PATH="$top/.venv/bin:$PATH"
 session="demo-$(date +%Y%m%d-%H%M%S)"
-data=/var/tmp/iosea-wf-demo/$session
+# Under /home: a namespace root of both sites (the example site has no /var/tmp root).
+data=/home/iosea-wf-demo/$session
 wdf="$here/sample-wdf.yaml"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }

@@ -124,7 +124,11 @@ def validate(
     if session:
         check_session_name(session)
     return load_wdf(
-        workflow_path, wdf_variables(ctx.user, workflow_path, session, variables), ctx.site, text=text
+        workflow_path,
+        wdf_variables(ctx.user, workflow_path, session, variables),
+        ctx.site,
+        owner=ctx.user,
+        text=text,
     )
 
 
@@ -264,7 +268,8 @@ def _service_record(site: Site, user: str, session: str, session_id: str, servic
     key, export_id = _export_identity(user, session, session_id, service.name)
     hv = datanode.hostvars
     port, mount_port = hv.get("nfs_ganesha_port"), hv.get("nfs_ganesha_mount_port")
-    namespace = os.path.normpath(service.namespace)
+    # The export is of what the namespace resolved to at validation, never of a symlink.
+    namespace = os.path.realpath(service.namespace)
     return {
         "name": service.name,
         "type": service.type,
@@ -312,8 +317,22 @@ def session_record(
     }
 
 
+def _export_access(session: dict[str, Any]) -> dict[str, str]:
+    """Per service, how NFS exports it: RW if any step uses it RW, else RO (no client may write)."""
+    from .wdf import Workflow
+
+    access = {s["name"]: "RO" for s in session["services"]}
+    for step in Workflow.from_dict(session["wdf"]).steps.values():
+        for use in step.services:
+            if use.mode == "RW" and use.name in access:
+                access[use.name] = "RW"
+    return access
+
+
 def _orchestrator_services(session: dict[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
     """The service dicts the session_services playbook receives."""
+    access = _export_access(session)
+    clients = list(session.get("site_snapshot", {}).get("nfs_clients", []))
     return [
         {
             "name": s["name"],
@@ -325,7 +344,8 @@ def _orchestrator_services(session: dict[str, Any], names: list[str] | None = No
             "export_key": s["export_key"],
             "export_id": s["export_id"],
             "pseudo": s["pseudo"],
-            "access": "RW",
+            "access": access[s["name"]],
+            "clients": clients,
         }
         for s in session["services"]
         if names is None or s["name"] in names
@@ -361,7 +381,7 @@ def start(
                 f"session {name!r} already exists for user {ctx.user} (state {existing['state']}); "
                 "stop it first or choose another name"
             )
-        wanted = {os.path.normpath(s.namespace): s.name for s in workflow.services.values()}
+        wanted = {os.path.realpath(s.namespace): s.name for s in workflow.services.values()}
         for other in tx.live_sessions():
             for svc in other.get("services", []):
                 if svc["namespace"] in wanted:

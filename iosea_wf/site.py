@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -94,6 +95,10 @@ class Site:
     interactive_partition: str
     datanodes_partition: str
     root: str
+    # Resolved absolute directories a dataset namespace must lie below (iosea_namespace_roots).
+    namespace_roots: tuple[str, ...] = ()
+    # Addresses of every compute node and datanode: the only NFS clients an export admits.
+    nfs_clients: tuple[str, ...] = ()
     variables: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +121,9 @@ class Site:
         d["flavors"] = {k: Flavor(**v) for k, v in d["flavors"].items()}
         d["tiers"] = {k: Tier(**v) for k, v in d["tiers"].items()}
         d["mover_tools"] = {k: MoverTool(v["name"], tuple(v["command"])) for k, v in d["mover_tools"].items()}
+        # Snapshots taken before namespace roots existed have none: such a session is already running.
+        d["namespace_roots"] = tuple(d.get("namespace_roots", ()))
+        d["nfs_clients"] = tuple(d.get("nfs_clients", ()))
         return cls(**d)
 
     def describe(self, what: str) -> list[dict[str, Any]]:
@@ -153,6 +161,9 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+# What an NFS server may be told is a client: an address, a host name or a CIDR network.
+_CLIENT = re.compile(r"^[A-Za-z0-9_.:*?-]+(/[0-9]{1,3})?$")
+
 _NAME = vol.All(str, vol.Match(r"^[A-Za-z0-9_.-]+$", msg="expected a name of letters, digits, _ . -"))
 
 _SITE_VARS = vol.Schema(
@@ -182,6 +193,11 @@ _SITE_VARS = vol.Schema(
         vol.Required("iosea_datamover_tools"): {
             _NAME: {vol.Required("command"): vol.All([str], vol.Length(min=1))}
         },
+        vol.Required(
+            "iosea_namespace_roots",
+            msg="required: the directories dataset namespaces may live in (e.g. [/home, /scratch])",
+        ): vol.All([str], vol.Length(min=1, msg="list at least one directory")),
+        vol.Optional("iosea_nfs_clients"): vol.All([str], vol.Length(min=1)),
     },
     extra=vol.ALLOW_EXTRA,
 )
@@ -306,6 +322,33 @@ def load_site(explicit: str | os.PathLike | None = None) -> Site:
         if not os.path.isabs(spec["path"]):
             problems.append(f"tier {name!r} path must be absolute, got {spec['path']!r}")
         tiers[name] = Tier(name=name, path=spec["path"], tool=spec["tool"])
+    clients: list[str] = []
+    compute_hosts = groups.get(COMPUTE_GROUP, []) + [h for m in modules.values() for h in m.nodes]
+    for host in compute_hosts:
+        # A compute node is reached at iosea_node_address, else by its inventory name.
+        address = hostvars.get(host, {}).get("iosea_node_address") or host
+        if address not in clients:
+            clients.append(address)
+    for datanode in datanodes.values():
+        if datanode.address not in clients:
+            clients.append(datanode.address)
+    if "iosea_nfs_clients" in v:
+        # A site may name its networks instead (e.g. [10.20.0.0/16]): fewer entries, same rule.
+        clients = list(v["iosea_nfs_clients"])
+    for address in clients:
+        if not isinstance(address, str) or not _CLIENT.match(address):
+            problems.append(f"node address {address!r} is not an address, host name or CIDR network")
+    roots = []
+    for root in v["iosea_namespace_roots"]:
+        resolved = os.path.realpath(root)
+        if not os.path.isabs(root):
+            problems.append(f"iosea_namespace_roots: {root!r} must be an absolute path")
+        elif resolved == "/":
+            problems.append(
+                f"iosea_namespace_roots: {root!r} is the whole file system; list directories below /"
+            )
+        elif resolved not in roots:
+            roots.append(resolved)
     if v["iosea_default_flavor"] not in flavors:
         problems.append(f"iosea_default_flavor {v['iosea_default_flavor']!r} is not a flavor")
     if v["iosea_default_module"] not in modules:
@@ -326,5 +369,7 @@ def load_site(explicit: str | os.PathLike | None = None) -> Site:
         interactive_partition=v["iosea_interactive_partition"],
         datanodes_partition=v["iosea_datanodes_partition"],
         root=v["iosea_site_root"],
+        namespace_roots=tuple(roots),
+        nfs_clients=tuple(clients),
         variables=v,
     )

@@ -6,13 +6,15 @@ problem; a value of the wrong type is skipped here because its schema already re
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import voluptuous as vol
 
+from ..permissions import user_may
 from ..site import Site
-from .problems import Path, Problems
+from .problems import Path, Problems, format_path
 from .schema import one_of, step_service_ref
 
 
@@ -204,6 +206,78 @@ def against_site(data: dict[str, Any], site: Site, problems: Problems) -> None:
             for k, module in enumerate(location):
                 if isinstance(module, str) and module not in site.modules:
                     problems.add(("steps", i, "location", k), f"unknown module {module!r}", one_of(modules))
+
+
+def service_needs(data: dict[str, Any]) -> dict[str, str]:
+    """Per service name, what its owner must be allowed: "w" if a step uses it RW or moves data out."""
+    movers = {
+        m["name"]: m.get("operation")
+        for _, m in entries(data, "datamovers")
+        if isinstance(m.get("name"), str)
+    }
+    needs: dict[str, str] = {}
+    for _, service in entries(data, "services"):
+        if isinstance(service.get("name"), str):
+            own = service.get("datamovers")
+            moves = isinstance(own, list) and any(
+                isinstance(m, dict) and m.get("operation") == "move" for m in own
+            )
+            needs[service["name"]] = "w" if moves else "r"
+    for _, step in entries(data, "steps"):
+        for _, entry in _sub_entries(step, "services"):
+            try:
+                service, mode = step_service_ref(entry.get("name"))
+            except vol.Invalid:
+                continue
+            used = entry.get("datamovers") if isinstance(entry.get("datamovers"), list) else []
+            # A `move` removes the files it moved from the namespace: that is a write.
+            if mode == "RW" or any(isinstance(m, str) and movers.get(m) == "move" for m in used):
+                needs[service] = "w"
+    return needs
+
+
+def namespaces(data: dict[str, Any], site: Site, owner: str, problems: Problems) -> None:
+    """Each namespace, symlinks followed, is an existing directory below a site namespace root that
+    ``owner`` may read (and write, where a step uses the service RW)."""
+    roots = site.namespace_roots
+    needs = service_needs(data)
+    for i, service in entries(data, "services"):
+        attributes = service.get("attributes")
+        if not isinstance(attributes, dict):
+            continue
+        value = attributes.get("namespace")
+        path = ("services", i, "attributes", "namespace")
+        if not isinstance(value, str) or not value.startswith("/"):
+            continue
+        if any(p.path == format_path(path) for p in problems.found):
+            continue  # its syntax is already reported
+        resolved = os.path.realpath(value)
+        shown = value if resolved == os.path.normpath(value) else f"{value} (resolves to {resolved})"
+        where = ", ".join(roots) or "(none: the site sets no iosea_namespace_roots)"
+        if not any(resolved != r and os.path.commonpath([resolved, r]) == r for r in roots):
+            problems.add(
+                path,
+                f"namespace {shown} is not inside the site's namespace roots",
+                f"an existing directory below one of {where}",
+            )
+            continue
+        if not os.path.isdir(resolved):
+            problems.add(
+                path,
+                f"namespace {shown} is not an existing directory",
+                "an existing directory (create it first; iosea-wf never creates namespaces)",
+            )
+            continue
+        name = service.get("name")
+        need = needs.get(name, "r") if isinstance(name, str) else "r"
+        if not user_may(owner, resolved, need):
+            what = "read and write" if need == "w" else "read"
+            why = " (a step uses it RW or moves data out of it)" if need == "w" else ""
+            problems.add(
+                path,
+                f"user {owner} may not {what} namespace {shown}{why}",
+                f"a directory {owner} can {what}",
+            )
 
 
 def _sub_entries(entry: dict[str, Any], key: str) -> Iterator[tuple[int, dict[str, Any]]]:

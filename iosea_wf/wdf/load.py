@@ -35,11 +35,18 @@ from .variables import STEP_VARIABLE, substitute
 
 
 def load_wdf(
-    path: str | os.PathLike, variables: dict[str, str], site: Site | None = None, *, text: str | None = None
+    path: str | os.PathLike,
+    variables: dict[str, str],
+    site: Site | None = None,
+    *,
+    owner: str | None = None,
+    text: str | None = None,
 ) -> Workflow:
     """The validated workflow of the WDF at ``path``; WDFError listing every problem otherwise.
 
-    With ``text`` (the file as its owner read it), ``path`` only names it and is not read.
+    With ``owner`` (and a site), namespaces are checked on this host too: inside the site's roots,
+    existing, and usable by that user. With ``text`` (the file as its owner read it), ``path``
+    only names it and is not read.
     """
     problems = Problems(str(path))
     raw = compose_marked(read_text(FsPath(path), problems) if text is None else text, problems)
@@ -75,6 +82,8 @@ def load_wdf(
     checks.distinct_paths(data, problems)
     if site is not None:
         checks.against_site(data, site, problems)
+        if owner is not None:
+            checks.namespaces(data, site, owner, problems)
     problems.raise_if_any()
 
     # No problem was found: every validated part below is present.

@@ -79,10 +79,15 @@ steps:
 """
 
 
-def write_wdf(path: Path, namespaces: list[Path], *, flavor: str | None = None, tag: str = "t") -> Path:
-    """A WDF with one NFS service per namespace, all used by one step."""
+def write_wdf(
+    path: Path, namespaces: list[Path], *, flavor: str | None = None, tag: str = "t", create: bool = True
+) -> Path:
+    """A WDF with one NFS service per namespace (made if missing and ``create``), all used by one step."""
     services, refs = [], []
     for i, ns in enumerate(namespaces, 1):
+        # Namespaces are the users' and must exist: iosea-wf never creates them.
+        if create:
+            Path(ns).mkdir(parents=True, exist_ok=True)
         flavor_line = f"\n      flavor: {flavor}" if flavor else ""
         services.append(
             f"  - name: es{i}\n    type: NFS\n    attributes:\n      namespace: {ns}\n"

@@ -114,11 +114,15 @@ def test_start_larger_than_datanodes_fails_cleanly(iosea, tmp_path, state_dir):
     assert iosea("list", "--all", "--json").json()["sessions"] == []
 
 
-def test_failing_service_rolls_the_session_back(iosea, tmp_path, state_dir):
+def test_failing_service_rolls_the_session_back(iosea, tmp_path, state_dir, monkeypatch):
     good = tmp_path / "good"
+    good.mkdir()
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    wdf = write_wdf(tmp_path / "wf.yaml", [good, blocker / "ns"])
+    wdf = write_wdf(tmp_path / "wf.yaml", [good, blocker / "ns"], create=False)
+    # Validation would refuse the impossible namespace (exit 2): let it through, so the control
+    # script on the datanode is the one that refuses it, as it would a namespace removed meanwhile.
+    monkeypatch.setattr("iosea_wf.wdf.checks.namespaces", lambda *args: None)
     r = iosea("start", f"WORKFLOW={wdf}", "SESSION=rb")
     assert r.code == 7, r.err
     assert "service es2" in r.err and "torn down" in r.err

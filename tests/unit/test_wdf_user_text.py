@@ -18,7 +18,7 @@ BASE = {
         {
             "name": "svc1",
             "type": "NFS",
-            "attributes": {"namespace": "/tmp/ns1", "mountpoint": "/mnt/svc1", "flavor": "small"},
+            "attributes": {"namespace": "/tmp/replaced-by-wdf_with", "mountpoint": "/mnt/svc1", "flavor": "small"},
             "datamovers": [
                 {
                     "name": "own1",
@@ -89,6 +89,10 @@ def wdf_with(tmp_path):
 
     def make(path, value):
         data = copy.deepcopy(BASE)
+        # A namespace must be an existing directory under the site's roots (/tmp is one).
+        namespace = tmp_path / "ns1"
+        namespace.mkdir(exist_ok=True)
+        data["services"][0]["attributes"]["namespace"] = str(namespace)
         _set(data, path, value)
         target = tmp_path / "wdf.yaml"
         target.write_text(yaml.safe_dump(data, sort_keys=False))

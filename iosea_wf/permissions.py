@@ -1,0 +1,56 @@
+"""What a Unix user may do with a path, judged by the kernel for that user, not for this process.
+
+The orchestrator runs as the user today; a later site service runs it as root on behalf of every
+user. Root's own ``os.access`` says yes to nearly everything, so for another user the question is
+asked in a child process that has taken that user's uid, gid and supplementary groups: the kernel
+then applies mode bits, ACLs, mount options (``ro``) and the traversal of every parent directory
+exactly as it will for the user's jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+from .errors import SiteError
+
+# "r": list and enter a directory (or read a file); "w": also create and remove entries in it.
+_FLAGS = {"r": os.R_OK | os.X_OK, "w": os.R_OK | os.W_OK | os.X_OK}
+
+
+def user_may(user: str, path: str, mode: str) -> bool:
+    """True when Unix user ``user`` may use ``path`` for ``mode`` ("r" or "w")."""
+    if mode not in _FLAGS:
+        raise ValueError(f"mode must be 'r' or 'w', got {mode!r}")
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise SiteError(f"user {user!r} is not known on this host (getpwnam)") from None
+    if entry.pw_uid == 0:
+        return True
+    flags = _FLAGS[mode]
+    if os.geteuid() == entry.pw_uid and os.getuid() == entry.pw_uid:
+        # os.access checks the real uid and gids, which are this very user's.
+        return os.access(path, flags)
+    if os.geteuid() != 0:
+        raise SiteError(f"cannot check the permissions of user {user!r} while running as uid {os.geteuid()}")
+    groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+    return _as_user(entry.pw_uid, entry.pw_gid, groups, path, flags)
+
+
+def _as_user(uid: int, gid: int, groups: list[int], path: str, flags: int) -> bool:
+    """Ask the kernel in a child that has become (uid, gid, groups); the parent keeps root."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports by exit status only
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            os._exit(0 if os.access(path, flags) else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 2:
+        raise SiteError(f"cannot take the identity of uid {uid} to check {path}")
+    return code == 0
