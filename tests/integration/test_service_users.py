@@ -28,6 +28,22 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 # What the CLI imports on the client side (cli, manager, store, site, wdf, api.client).
 CLIENT_REQUIREMENTS = ["httpx", "pyyaml", "jinja2", "voluptuous", "tinydb", "rich"]
 
+SERVICE_WDF = """\
+workflow:
+  name: users_nfs
+services:
+  - name: es1
+    type: NFS
+    attributes:
+      namespace: {ns}
+      mountpoint: /mnt/iosea-test/{{{{ SESSION }}}}/es1
+steps:
+  - name: step1
+    location: cpu_module
+    command: "sbatch job.sh"
+    services:
+      - name: es1 RO
+"""
 WDF = """\
 workflow:
   name: users_wf
@@ -130,10 +146,10 @@ def as_user(client_bin, service):
     return run
 
 
-def _wdf_of(user: pwd.struct_passwd) -> str:
+def _wdf_of(user: pwd.struct_passwd, text: str = WDF, name: str = "wdf.yaml") -> str:
     """A WDF in the user's home that only the user can read (the service never reads it)."""
-    path = Path(user.pw_dir, "wdf.yaml")
-    path.write_text(WDF)
+    path = Path(user.pw_dir, name)
+    path.write_text(text)
     os.chown(path, user.pw_uid, user.pw_gid)
     path.chmod(0o600)
     return str(path)
@@ -244,3 +260,32 @@ def test_eight_users_starting_two_sessions_each_at_once_are_all_recorded_and_sto
     finally:
         for u in crowd:
             subprocess.run(["userdel", "-r", u.pw_name], check=False, capture_output=True)
+
+
+def test_a_service_on_alices_namespace_is_hers_alone(users, as_user):
+    alice, bob = users
+    ns = Path(alice.pw_dir, "dataset")
+    ns.mkdir()
+    (ns / "in.txt").write_text("alice's data\n")
+    for p in (ns, ns / "in.txt"):
+        os.chown(p, alice.pw_uid, alice.pw_gid)
+    wdf = SERVICE_WDF.format(ns=ns)
+    started = as_user(alice, "start", f"WORKFLOW={_wdf_of(alice, wdf, 'nfs.yaml')}", "SESSION=nfs", "--json")
+    assert started.returncode == 0, started.stderr
+    record = json.loads(started.stdout)
+    assert (record["owner"], record["services"][0]["state"]) == (alice.pw_name, "ACTIVE")
+
+    # bob may read the dataset, but one namespace serves one live session, whoever asks.
+    taken = as_user(bob, "start", f"WORKFLOW={_wdf_of(bob, wdf, 'nfs.yaml')}", "SESSION=nfs")
+    assert taken.returncode == 5, taken.stderr
+    assert f"is already served by session 'nfs' of {alice.pw_name}" in taken.stderr
+    assert as_user(bob, "stop", "SESSION=nfs").returncode == 4
+
+    # A namespace bob may not enter is refused at validation, by his own rights.
+    ns.chmod(0o700)
+    refused = as_user(bob, "validate", f"WORKFLOW={_wdf_of(bob, wdf, 'nfs.yaml')}")
+    assert refused.returncode == 2 and f"user {bob.pw_name} may not" in refused.stderr
+
+    stopped = as_user(alice, "stop", "SESSION=nfs", "--json")
+    assert stopped.returncode == 0, stopped.stderr
+    assert [s["state"] for s in json.loads(stopped.stdout)["services"]] == ["STOPPED"]
