@@ -52,6 +52,8 @@ API = "/v1"
 SUBMITS_AS_CALLER = False
 NDJSON = "application/x-ndjson"
 log = logging.getLogger("iosea_wf.service")
+# uvicorn configures this logger (stderr, INFO): the service's own lines go with its own.
+audit = logging.getLogger("uvicorn.error")
 
 # The HTTP status of each exit code (any other: 500).
 HTTP_STATUS = {
@@ -204,7 +206,10 @@ class AccessEntry(BaseModel):
 async def _context(request: Request) -> manager.Context:
     """The Context of a request: its proven caller, acting on the service's site and store."""
     service: Service = request.app.state.service
-    return service.context(await auth.caller(request), auth.slurm_jwt(request))
+    caller = await auth.caller(request)
+    # Who asked what, for the site's audit (uvicorn's access log does not know the caller).
+    audit.info("%s (uid %d): %s %s", caller.user, caller.uid, request.method, request.url.path)
+    return service.context(caller, auth.slurm_jwt(request))
 
 
 Ctx = Annotated[manager.Context, Depends(_context)]
