@@ -110,13 +110,29 @@ def _internal(exc: BaseException) -> IoseaError:
     return IoseaError(f"internal error of the Workflow Manager service: {exc!r} (see its log)")
 
 
-def _streamed(work: Callable[[Callable[[dict[str, Any]], None]], Any]):
-    """Run ``work(emit)`` in a thread; answer plainly if it ends before emitting, else stream NDJSON."""
+class _ClientGone(Exception):
+    """Raised in read-only streamed work (``run --wait``) once its client has gone away."""
+
+
+def _streamed(work: Callable[[Callable[[dict[str, Any]], None]], Any], *, abandon: str | None = None):
+    """Run ``work(emit)`` in a thread; answer plainly if it ends before emitting, else stream NDJSON.
+
+    Work that changes things (start, stop) always runs to its end, whoever listens. Read-only work
+    named by ``abandon`` stops at its next event once its client has gone.
+    """
     events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    gone = threading.Event()
+
+    def emit(event: dict[str, Any]) -> None:
+        if abandon and gone.is_set():
+            raise _ClientGone
+        events.put(event)
 
     def runner() -> None:
         try:
-            events.put({"result": work(events.put)})
+            events.put({"result": work(emit)})
+        except _ClientGone:
+            audit.info("%s: abandoned, its client went away", abandon)
         except IoseaError as exc:
             events.put(error_body(exc))
         except BaseException as exc:  # the thread must always end its stream
@@ -133,10 +149,14 @@ def _streamed(work: Callable[[Callable[[dict[str, Any]], None]], Any]):
         return JSONResponse(first, status_code=HTTP_STATUS.get(err["exit_code"], 500))
 
     def lines() -> Iterator[bytes]:
-        event = first
-        while event is not None:
-            yield _line(event)
-            event = events.get()
+        try:
+            event = first
+            while event is not None:
+                yield _line(event)
+                event = events.get()
+        finally:
+            # Closed early when the client disconnected (starlette drops the stream).
+            gone.set()
 
     return StreamingResponse(lines(), media_type=NDJSON)
 
@@ -312,7 +332,8 @@ def create_app(service: Service) -> FastAPI:
     )
     def follow(ctx: Ctx, name: str, step: str, instance: int):
         return _streamed(
-            lambda emit: manager.follow(ctx, name, step, instance, lambda view: emit({"update": view}))
+            lambda emit: manager.follow(ctx, name, step, instance, lambda view: emit({"update": view})),
+            abandon=f"{ctx.user}'s follow of {name} {step}#{instance}",
         )
 
     @app.post(f"{API}/sessions/{{name}}/cancel", summary="cancel what `run` started (cancel)")

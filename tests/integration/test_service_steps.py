@@ -15,8 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from iosea_wf import identity
 from tests.api_service import need_munge, running_service
 from tests.integration.conftest import BIN, nfs_read
 
@@ -130,3 +132,30 @@ def test_start_run_cancel_access_stop_through_the_service(wf, service, tmp_path)
 def _session_record(state: Path, name: str) -> dict:
     data = json.loads((state / "iosea-wf.json").read_text())
     return next(s for s in data["sessions"].values() if s["name"] == name)
+
+
+def test_a_follow_whose_client_went_away_is_abandoned_but_its_step_runs_on(wf, service):
+    url, state = service
+    (wf.work / "wdf.yaml").write_text(
+        'workflow:\n  name: follow_wf\nsteps:\n  - name: long\n    command: "sbatch -o /dev/null long.sh"\n'
+    )
+    (wf.work / "long.sh").write_text("#!/bin/bash\nsleep 120\n")
+    name = f"follow-{os.getpid()}"
+    assert wf("start", "WORKFLOW=wdf.yaml", f"SESSION={name}").returncode == 0
+    assert wf("run", f"SESSION={name}", "STEP=long").returncode == 0
+    sock = url.removeprefix("unix://")
+    path = f"/v1/sessions/{name}/steps/long/runs/1/follow"
+    cred = identity.make_credential(identity.request_digest("GET", path, b"", b""))
+    with (
+        httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://wm") as client,
+        client.stream("GET", path, headers={identity.CREDENTIAL_HEADER: cred}) as answer,
+    ):
+        first = json.loads(next(answer.iter_lines()))
+    assert first["update"]["name"] == "long"
+    log = state.parent / "wm.log"
+    deadline = time.time() + 20
+    while "abandoned, its client went away" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    assert f"root's follow of {name} long#1: abandoned" in log.read_text()
+    assert json.loads(wf("status", f"SESSION={name}", "--json").stdout)["steps"][0]["state"] == "RUNNING"
+    assert wf("stop", f"SESSION={name}", "--force").returncode == 0
