@@ -59,10 +59,14 @@ def test_a_job_slurm_refuses_exits_8_and_leaves_nothing_behind(iosea, session):
     assert "sbatch refused the job" in r.err
     assert "Requested node configuration is not available" in r.err
     assert "Traceback" not in r.err
-    # The step_start mover submitted before the refusal was cancelled, and no instance is recorded.
+    # The step_start mover submitted before the refusal was cancelled, and the instance is recorded
+    # honestly: NOT_SUBMITTED, with no job id (its number is never reused).
     left = [j for j, state, _ in slurm.jobs_named("iosea.refused.greedy.1.dm.stage_in") if state == "PENDING"]
     assert left == []
-    assert iosea("status", "SESSION=refused", "--json").json()["steps"] == []
+    steps = iosea("status", "SESSION=refused", "--json").json()["steps"]
+    assert [(s["name"], s["instance"], s["state"], s["job_id"]) for s in steps] == [
+        ("greedy", 1, "NOT_SUBMITTED", None)
+    ]
 
 
 def test_run_directories_do_not_grow_without_bound(iosea, session, state_dir, monkeypatch):

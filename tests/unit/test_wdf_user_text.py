@@ -18,7 +18,11 @@ BASE = {
         {
             "name": "svc1",
             "type": "NFS",
-            "attributes": {"namespace": "/tmp/replaced-by-wdf_with", "mountpoint": "/mnt/svc1", "flavor": "small"},
+            "attributes": {
+                "namespace": "/tmp/replaced-by-wdf_with",
+                "mountpoint": "/mnt/svc1",
+                "flavor": "small",
+            },
             "datamovers": [
                 {
                     "name": "own1",
