@@ -11,13 +11,14 @@ an error before that is a plain JSON error with its status.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
-import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -114,48 +115,55 @@ class _ClientGone(Exception):
     """Raised in read-only streamed work (``run --wait``) once its client has gone away."""
 
 
-def _streamed(work: Callable[[Callable[[dict[str, Any]], None]], Any], *, abandon: str | None = None):
+async def _streamed(work: Callable[[Callable[[dict[str, Any]], None]], Any], *, abandon: str | None = None):
     """Run ``work(emit)`` in a thread; answer plainly if it ends before emitting, else stream NDJSON.
 
     Work that changes things (start, stop) always runs to its end, whoever listens. Read-only work
-    named by ``abandon`` stops at its next event once its client has gone.
+    named by ``abandon`` stops at its next event once its client has gone. Waiting for events
+    holds no worker of the server's thread pool (40 threads): a hundred `run --wait` at once
+    must not keep `status` waiting.
     """
-    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     gone = threading.Event()
+
+    def put(event: dict[str, Any] | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the service is exiting
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
     def emit(event: dict[str, Any]) -> None:
         if abandon and gone.is_set():
             raise _ClientGone
-        events.put(event)
+        put(event)
 
     def runner() -> None:
         try:
-            events.put({"result": work(emit)})
+            put({"result": work(emit)})
         except _ClientGone:
             audit.info("%s: abandoned, its client went away", abandon)
         except IoseaError as exc:
-            events.put(error_body(exc))
+            put(error_body(exc))
         except BaseException as exc:  # the thread must always end its stream
-            events.put(error_body(_internal(exc)))
+            put(error_body(_internal(exc)))
         finally:
-            events.put(None)
+            put(None)
 
     threading.Thread(target=runner, name="iosea-wm-work", daemon=True).start()
-    first = events.get()
+    first = await events.get()
     if first is not None and "result" in first:
         return JSONResponse(first["result"])
     if first is not None and "error" in first:
         err = first["error"]
         return JSONResponse(first, status_code=HTTP_STATUS.get(err["exit_code"], 500))
 
-    def lines() -> Iterator[bytes]:
+    async def lines() -> AsyncIterator[bytes]:
         try:
             event = first
             while event is not None:
                 yield _line(event)
-                event = events.get()
+                event = await events.get()
         finally:
-            # Closed early when the client disconnected (starlette drops the stream).
+            # Closed early when the client disconnected (starlette cancels the stream).
             gone.set()
 
     return StreamingResponse(lines(), media_type=NDJSON)
@@ -283,8 +291,8 @@ def create_app(service: Service) -> FastAPI:
         return {"rows": manager.show(ctx, what), "site": str(ctx.site.path)}
 
     @app.post(f"{API}/sessions", summary="start a session (start); streams progress")
-    def start(ctx: Ctx, body: WorkflowText):
-        return _streamed(
+    async def start(ctx: Ctx, body: WorkflowText):
+        return await _streamed(
             lambda emit: manager.start(
                 ctx,
                 body.workflow,
@@ -297,8 +305,8 @@ def create_app(service: Service) -> FastAPI:
         )
 
     @app.post(f"{API}/sessions/{{name}}/stop", summary="stop a session (stop); streams progress")
-    def stop(ctx: Ctx, name: str, body: StopRequest):
-        return _streamed(
+    async def stop(ctx: Ctx, name: str, body: StopRequest):
+        return await _streamed(
             lambda emit: manager.stop(
                 ctx, name, force=body.force, progress=lambda line: emit({"progress": line})
             )
@@ -330,8 +338,8 @@ def create_app(service: Service) -> FastAPI:
         f"{API}/sessions/{{name}}/steps/{{step}}/runs/{{instance}}/follow",
         summary="follow a step run to its end (run --wait); streams updates",
     )
-    def follow(ctx: Ctx, name: str, step: str, instance: int):
-        return _streamed(
+    async def follow(ctx: Ctx, name: str, step: str, instance: int):
+        return await _streamed(
             lambda emit: manager.follow(ctx, name, step, instance, lambda view: emit({"update": view})),
             abandon=f"{ctx.user}'s follow of {name} {step}#{instance}",
         )

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -360,3 +361,41 @@ def test_tcp_serves_the_same_api_with_munge_as_the_only_proof(service, monkeypat
     cred = _signed("/v1/whoami")
     r = httpx.get(f"http://127.0.0.1:{port}/v1/whoami", headers={identity.CREDENTIAL_HEADER: cred})
     assert r.json() == {"user": identity.current_user()}
+
+
+def test_fifty_stops_waiting_at_once_do_not_keep_others_waiting(service, tmp_path, monkeypatch):
+    """Waiting commands hold no thread of the server's pool (40): `list` still answers at once."""
+    sock, *_ = service
+    wdf = tmp_path / "wdf.yaml"
+    wdf.write_text(NO_SERVICE_WDF)
+    url = f"unix://{sock}"
+    ctx = client.ServiceContext(url)
+    names = [f"wait-{os.getpid()}-{i}" for i in range(50)]
+    holder = subprocess.Popen(["sleep", "120"])  # an interactive access whose salloc still runs
+    try:
+        for name in names:
+            client.start(ctx, str(wdf), name, {})
+            entry = {"token": f"t{name}", "since": time.time(), "pid": holder.pid}
+            ctx.call("PUT", f"/v1/sessions/{name}/accesses/t{name}", body=entry)
+        said: dict[str, list[str]] = {n: [] for n in names}
+        threads = [
+            threading.Thread(
+                target=lambda n=n: client.stop(client.ServiceContext(url), n, progress=said[n].append)
+            )
+            for n in names
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while not all(said.values()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert all("waiting for job(s) access" in " ".join(v) for v in said.values())
+        began = time.monotonic()
+        assert len(client.list_sessions(ctx)) >= len(names)
+        assert time.monotonic() - began < 2.0
+    finally:
+        holder.kill()
+        holder.wait()
+    for t in threads:
+        t.join(60)
+    assert {s["session"] for s in client.list_sessions(ctx)}.isdisjoint(names)
