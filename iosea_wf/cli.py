@@ -436,6 +436,8 @@ def _backend(args: argparse.Namespace) -> tuple[Any, Any]:
             f"sessions are kept by the Workflow Manager at {url}",
             file=sys.stderr,
         )
+    if args.site and os.environ.get("IOSEA_WF_URL", "").strip():
+        print(f"{PROG}: notice: --site ignored: the Workflow Manager at {url} uses its own", file=sys.stderr)
     return client.ServiceContext(url, verbose=bool(args.verbose)), client
 
 

@@ -169,6 +169,8 @@ def test_state_dir_is_ignored_with_a_notice_when_a_service_is_named(service, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--state-dir/IOSEA_WF_HOME ignored" in err
     assert not (tmp_path / "ignored").exists()
+    assert cli.main(["show", "tiers", "--site", str(tmp_path)]) == 0
+    assert capsys.readouterr().err.startswith("iosea-wf: notice: --site ignored")
 
 
 def test_an_unreachable_service_exits_10_without_traceback(monkeypatch, capsys, tmp_path):
