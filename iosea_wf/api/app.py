@@ -356,11 +356,15 @@ def create_app(service: Service) -> FastAPI:
         return record
 
     @app.put(f"{API}/sessions/{{name}}/accesses/{{token}}", summary="record an interactive access (access)")
-    def access_record(ctx: Ctx, name: str, token: str, body: AccessEntry) -> dict[str, Any]:
+    def access_record(ctx: Ctx, request: Request, name: str, token: str, body: AccessEntry) -> dict[str, Any]:
         from ..access import _update_accesses
 
         if body.token != token:
             raise UsageError("the access entry's token is not the one in the path")
+        if request.scope.get(auth.PEER_UID) is None:
+            # From another host (TCP): its salloc's pid means nothing here, so `stop` must not
+            # wait on it; it waits on the job once the job id is recorded.
+            body.pid = None
         record = manager.find_session(ctx, name)
         known = any(a.get("token") == token for a in record.get("accesses", []))
 
@@ -368,7 +372,7 @@ def create_app(service: Service) -> FastAPI:
             mine = next((a for a in accesses if a.get("token") == token), None)
             if mine is None:
                 accesses.append(mine := {})
-            mine.update(body.model_dump())
+            mine.update(body.model_dump(exclude_unset=True))
 
         # A new access is recorded only while the session is ACTIVE, as in-process.
         _update_accesses(ctx, record["id"], change, require_active=not known)

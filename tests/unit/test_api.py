@@ -401,3 +401,27 @@ def test_fifty_stops_waiting_at_once_do_not_keep_others_waiting(service, tmp_pat
     for t in threads:
         t.join(60)
     assert {s["session"] for s in client.list_sessions(ctx)}.isdisjoint(names)
+
+
+def test_an_access_recorded_over_tcp_keeps_no_pid_that_stop_would_wait_on(service, tmp_path):
+    sock, state, port = service
+    wdf = tmp_path / "wdf.yaml"
+    wdf.write_text(NO_SERVICE_WDF)
+    name = f"tcp-access-{os.getpid()}"
+    local, remote = client.ServiceContext(f"unix://{sock}"), client.ServiceContext(f"http://127.0.0.1:{port}")
+    client.start(local, str(wdf), name, {})
+    for ctx, token in ((local, "viaunix"), (remote, "viatcp")):
+        ctx.call("PUT", f"/v1/sessions/{name}/accesses/{token}", body={"token": token, "pid": os.getpid()})
+    record = next(
+        s for s in json.loads((state / "iosea-wf.json").read_text())["sessions"].values() if s["name"] == name
+    )
+    pids = {a["token"]: a["pid"] for a in record["accesses"]}
+    assert pids == {"viaunix": os.getpid(), "viatcp": None}
+    for ctx, token in ((local, "viaunix"), (remote, "viatcp")):
+        ended = {"token": token, "ended_at": time.time()}
+        ctx.call("PUT", f"/v1/sessions/{name}/accesses/{token}", body=ended)
+    record = next(
+        s for s in json.loads((state / "iosea-wf.json").read_text())["sessions"].values() if s["name"] == name
+    )
+    assert {a["token"]: a["pid"] for a in record["accesses"]} == pids  # a partial update keeps the rest
+    assert client.stop(local, name)["state"] == "STOPPED"
