@@ -223,7 +223,7 @@ def status(ctx: ServiceContext, session) -> dict[str, Any]:
 
 def run(ctx: ServiceContext, session, step, cwd: str | None = None) -> dict[str, Any]:
     """Submit a step: its batch script is read here, with the caller's rights, and sent."""
-    from .. import steps
+    from .. import jobs, steps
 
     step = steps.check_step_name(step)
     name = manager.check_session_name(session)
@@ -239,6 +239,8 @@ def run(ctx: ServiceContext, session, step, cwd: str | None = None) -> dict[str,
             data = script.read_bytes()
         except OSError as exc:
             raise UsageError(f"cannot read the step's batch script {script}: {exc.strerror}") from None
+        # Checked here too, so a refusal names the user's file, not the copy the service runs.
+        jobs.check_directives(jobs._directives(script), str(script))
         sent = {"name": script_name, "content_b64": base64.b64encode(data).decode()}
     return ctx.call("POST", f"{base}/runs", body={"cwd": cwd, "script": sent}, slurm_token=True)
 

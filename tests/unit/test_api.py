@@ -142,9 +142,12 @@ def test_validate_show_list_status_print_and_exit_as_in_process(both, tmp_path):
     assert seen_codes == {0, 2, 4}
 
 
-def test_a_session_started_listed_and_stopped_through_the_service_reads_as_in_process(both, tmp_path):
+def test_a_session_started_listed_and_stopped_through_the_service_reads_as_in_process(
+    both, tmp_path, monkeypatch
+):
     wdf = tmp_path / "good.yaml"
     wdf.write_text(NO_SERVICE_WDF)
+    monkeypatch.chdir(tmp_path)
     name = f"api-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     for argv in (
         ["start", f"WORKFLOW={wdf}", f"SESSION={name}"],
@@ -153,12 +156,20 @@ def test_a_session_started_listed_and_stopped_through_the_service_reads_as_in_pr
         ["status", f"SESSION={name}"],
         ["status", f"SESSION={name}", "--json"],
         ["run", f"SESSION={name}", "STEP=nostep"],
+        ["run", f"SESSION={name}", "STEP=step1"],  # job.sh is missing: exit 2, nothing submitted
+        "write a job.sh with a reserved #SBATCH option",
+        ["run", f"SESSION={name}", "STEP=step1"],  # refused naming this job.sh: exit 2
         ["stop", f"SESSION={name}", "--json"],
         ["stop", f"SESSION={name}"],
         ["list", "--all"],
     ):
+        if isinstance(argv, str):
+            (tmp_path / "job.sh").write_text("#!/bin/sh\n#SBATCH --wait\ntrue\n")
+            continue
         svc, local = both(*argv)
         assert svc == local, argv
+        if argv[:1] == ["run"] and argv[-1] == "STEP=step1":
+            assert svc[0] == 2 and str(tmp_path / "job.sh") in svc[2], svc
     assert svc[0] == 0 and name in svc[1]
 
 
