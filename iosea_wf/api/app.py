@@ -52,9 +52,8 @@ API = "/v1"
 # token). Until it does, `run` is refused to any caller but the service's own user.
 SUBMITS_AS_CALLER = False
 NDJSON = "application/x-ndjson"
-log = logging.getLogger("iosea_wf.service")
-# uvicorn configures this logger (stderr, INFO): the service's own lines go with its own.
-audit = logging.getLogger("uvicorn.error")
+# uvicorn configures this logger (stderr, INFO): the service's own lines go with uvicorn's.
+log = logging.getLogger("uvicorn.error")
 
 # The HTTP status of each exit code (any other: 500).
 HTTP_STATUS = {
@@ -140,7 +139,7 @@ async def _streamed(work: Callable[[Callable[[dict[str, Any]], None]], Any], *, 
         try:
             put({"result": work(emit)})
         except _ClientGone:
-            audit.info("%s: abandoned, its client went away", abandon)
+            log.info("%s: abandoned, its client went away", abandon)
         except IoseaError as exc:
             put(error_body(exc))
         except BaseException as exc:  # the thread must always end its stream
@@ -236,7 +235,7 @@ async def _context(request: Request) -> manager.Context:
     service: Service = request.app.state.service
     caller = await auth.caller(request)
     # Who asked what, for the site's audit (uvicorn's access log does not know the caller).
-    audit.info("%s (uid %d): %s %s", caller.user, caller.uid, request.method, request.url.path)
+    log.info("%s (uid %d): %s %s", caller.user, caller.uid, request.method, request.url.path)
     return service.context(caller, auth.slurm_jwt(request))
 
 
@@ -259,6 +258,10 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(IoseaError)
     async def _on_error(_: Request, exc: IoseaError) -> JSONResponse:
         return _error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _on_bug(_: Request, exc: Exception) -> JSONResponse:
+        return _error_response(_internal(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _on_bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
