@@ -35,11 +35,13 @@ def open_allocation(
     partition: str | None,
     immediate: bool,
     progress: Progress,
+    update_accesses: Callable[[Callable[[list[dict[str, Any]]], None]], None] | None = None,
 ) -> int:
     """Run ``command`` (else the user's shell) in a new allocation; return its exit code.
 
     Raises :class:`SlurmError` when no allocation was granted (``--immediate`` on busy nodes,
-    or salloc failing before the command ran).
+    or salloc failing before the command ran). ``update_accesses(change)`` records a change of
+    the session's accesses (default: in ``ctx.store``; through the service: there).
     """
     me = current_user()
     if ctx.user != me:
@@ -49,6 +51,11 @@ def open_allocation(
             f"interactive access runs as the user in their own terminal: this process runs as {me}, "
             f"not as {ctx.user}"
         )
+    if update_accesses is None:
+
+        def update_accesses(change, require_active=False):
+            _update_accesses(ctx, record["id"], change, require_active=require_active)
+
     site = ctx.site_of(record)
     partition = partition or site.interactive_partition
     token = uuid.uuid4().hex[:8]
@@ -90,7 +97,7 @@ def open_allocation(
     }
     # Recorded only if the session is still ACTIVE under the lock: a `stop` that began since
     # `manager.access` looked either refuses this access or sees it and waits for it.
-    _update_accesses(ctx, record["id"], lambda acc: acc.append(entry), require_active=True)
+    update_accesses(lambda acc: acc.append(entry), require_active=True)
     granted: dict[str, str] = {}
     done = threading.Event()
 
@@ -103,7 +110,7 @@ def open_allocation(
                 job_id, state, reason = rows[0]
                 if job_id not in granted.values():
                     granted["job_id"] = job_id
-                    _update_accesses(ctx, record["id"], lambda acc, j=job_id: _set(acc, token, job_id=j))
+                    update_accesses(lambda acc, j=job_id: _set(acc, token, job_id=j))
                 if state == "PENDING" and not said_waiting and time.time() - started > 1:
                     progress(
                         f"access: waiting for resources on partition {partition} (job {job_id}: {reason})"
@@ -129,14 +136,12 @@ def open_allocation(
             rows = slurm.jobs_named(job_name)
             if rows:
                 granted["job_id"] = rows[0][0]
-        _update_accesses(
-            ctx,
-            record["id"],
+        update_accesses(
             lambda acc: _set(acc, token, ended_at=time.time(), job_id=granted.get("job_id")),
         )
     if "ran" not in granted and rc != 0:
         # salloc may create the job and revoke it (--immediate): an allocation that never ran.
-        _update_accesses(ctx, record["id"], lambda acc: _set(acc, token, state="NOT_GRANTED"))
+        update_accesses(lambda acc: _set(acc, token, state="NOT_GRANTED"))
         if immediate:
             raise SlurmError(
                 f"no allocation: resources on partition {partition} are busy right now (--immediate)"

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import manager
@@ -241,6 +243,39 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show a session and its ephemeral services with their state and connection information.",
     )
     _assignments(p, session=True)
+
+    p = subs.add_parser(
+        "serve",
+        parents=[sub_common],
+        formatter_class=fmt,
+        help="run the site's Workflow Manager service, for every user",
+        description=(
+            "Run the Workflow Manager as a long-lived service of the site: ONE session store for\n"
+            "every user, the manager's rules for each request, and the only process that starts\n"
+            "services and submits jobs. It answers an HTTP/JSON API (versioned under /v1/, OpenAPI\n"
+            "document at /v1/openapi.json) on a Unix socket open to all users, and on TCP with\n"
+            "--tcp for login nodes of other hosts.\n\n"
+            "Who calls is proven, never claimed: every request carries a MUNGE credential of its\n"
+            "caller whose payload is a digest of the request; a missing, replayed, expired or\n"
+            "mismatched credential is refused (HTTP 401, the CLI exits 11). On the Unix socket the\n"
+            "kernel's peer credentials must name the same user. A user sees and acts on their own\n"
+            "sessions only. The CLI reads WDFs and batch scripts with the user's own rights and\n"
+            "sends their text: the service never reads a user's files.\n\n"
+            "The CLI uses the service wherever IOSEA_WF_URL is set or the site inventory names it\n"
+            "(iosea_wm_url in group_vars/all, e.g. unix:///run/iosea-wf/wm.sock); it then ignores\n"
+            "--state-dir and IOSEA_WF_HOME. Sessions live in the service's store and survive its\n"
+            "restart. Stop it with SIGTERM or Ctrl-C.\n\n"
+            "  iosea-wf serve --socket /run/iosea-wf/wm.sock --state-dir /var/lib/iosea-wf/wm\n"
+            "  IOSEA_WF_URL=unix:///run/iosea-wf/wm.sock iosea-wf list"
+        ),
+        epilog=(
+            "defaults: --socket is the path of the site's iosea_wm_url when it is unix://, else\n"
+            "/run/iosea-wf/wm.sock; --state-dir is $IOSEA_WF_HOME, else /var/lib/iosea-wf/wm.\n"
+            "exit 0 after SIGTERM; 3 when the site inventory is invalid; 2 for a bad --socket/--tcp"
+        ),
+    )
+    p.add_argument("--socket", metavar="PATH", help="the Unix socket to listen on (mode 0666)")
+    p.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP too (MUNGE still proves who calls)")
     return parser
 
 
@@ -386,8 +421,28 @@ def _context(args: argparse.Namespace) -> manager.Context:
     return manager.Context(site_dir=args.site, state_dir=args.state_dir, verbose=bool(args.verbose))
 
 
-def cmd_validate(args, ctx) -> int:
-    wf = manager.validate(ctx, args.workflow or _need("WORKFLOW"), args.variables, session=args.session)
+def _backend(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(context, operations): the site's Workflow Manager service where one is named, else in-process."""
+    from .api.settings import configured_url
+
+    url = None if args.command == "serve" else configured_url(args.site)
+    if not url:
+        return _context(args), manager
+    from .api import client
+
+    if args.state_dir or os.environ.get("IOSEA_WF_HOME"):
+        print(
+            f"{PROG}: notice: --state-dir/IOSEA_WF_HOME ignored: "
+            f"sessions are kept by the Workflow Manager at {url}",
+            file=sys.stderr,
+        )
+    if args.site and os.environ.get("IOSEA_WF_URL", "").strip():
+        print(f"{PROG}: notice: --site ignored: the Workflow Manager at {url} uses its own", file=sys.stderr)
+    return client.ServiceContext(url, verbose=bool(args.verbose)), client
+
+
+def cmd_validate(args, ctx, ops=manager) -> int:
+    wf = ops.validate(ctx, args.workflow or _need("WORKFLOW"), args.variables, session=args.session)
     summary = {
         "workflow": wf.name,
         "file": args.workflow,
@@ -410,8 +465,8 @@ def _need(key: str) -> str:
     raise UsageError(f"{key}= is mandatory")
 
 
-def cmd_show(args, ctx) -> int:
-    rows = manager.show(ctx, args.what)
+def cmd_show(args, ctx, ops=manager) -> int:
+    rows = ops.show(ctx, args.what)
     if args.json:
         _print_json({args.what: rows})
         return EXIT_OK
@@ -431,9 +486,9 @@ def cmd_show(args, ctx) -> int:
     return EXIT_OK
 
 
-def cmd_start(args, ctx) -> int:
-    record = manager.start(ctx, args.workflow, args.session, args.variables, progress=_progress)
-    summary = manager.session_summary(record)
+def cmd_start(args, ctx, ops=manager) -> int:
+    record = ops.start(ctx, args.workflow, args.session, args.variables, progress=_progress)
+    summary = ops.session_summary(record)
     if args.json:
         _print_json(summary)
     else:
@@ -441,17 +496,17 @@ def cmd_start(args, ctx) -> int:
     return EXIT_OK
 
 
-def cmd_stop(args, ctx) -> int:
-    record = manager.stop(ctx, args.session, force=args.force, progress=_progress)
+def cmd_stop(args, ctx, ops=manager) -> int:
+    record = ops.stop(ctx, args.session, force=args.force, progress=_progress)
     if args.json:
-        _print_json(manager.session_summary(record))
+        _print_json(ops.session_summary(record))
     else:
         print(f"session {record['name']}: {record['state']}")
     return EXIT_OK
 
 
-def cmd_run(args, ctx) -> int:
-    view = manager.run(ctx, args.session, args.step)
+def cmd_run(args, ctx, ops=manager) -> int:
+    view = ops.run(ctx, args.session, args.step)
     ids = [f"step {view['job_id']}"] + [f"{m['name']} {m['job_id']}" for m in view["datamovers"]]
     if not args.wait:
         if args.json:
@@ -472,7 +527,7 @@ def cmd_run(args, ctx) -> int:
                 seen[key] = line
                 _progress(line)
 
-    final = manager.follow(ctx, args.session, view["name"], view["instance"], on_update)
+    final = ops.follow(ctx, args.session, view["name"], view["instance"], on_update)
     if args.json:
         _print_json(final)
     else:
@@ -480,8 +535,8 @@ def cmd_run(args, ctx) -> int:
     return EXIT_OK
 
 
-def cmd_access(args, ctx) -> int:
-    return manager.access(
+def cmd_access(args, ctx, ops=manager) -> int:
+    return ops.access(
         ctx,
         args.session,
         args.inner_command,
@@ -494,8 +549,8 @@ def cmd_access(args, ctx) -> int:
     )
 
 
-def cmd_cancel(args, ctx) -> int:
-    ids = manager.cancel(ctx, args.session, args.step, args.instance)
+def cmd_cancel(args, ctx, ops=manager) -> int:
+    ids = ops.cancel(ctx, args.session, args.step, args.instance)
     if args.json:
         _print_json({"cancelled": ids})
     elif ids:
@@ -505,8 +560,8 @@ def cmd_cancel(args, ctx) -> int:
     return EXIT_OK
 
 
-def cmd_list(args, ctx) -> int:
-    rows = manager.list_sessions(ctx, include_ended=args.all)
+def cmd_list(args, ctx, ops=manager) -> int:
+    rows = ops.list_sessions(ctx, include_ended=args.all)
     if args.json:
         _print_json({"sessions": rows})
     elif not rows:
@@ -529,13 +584,22 @@ def cmd_list(args, ctx) -> int:
     return EXIT_OK
 
 
-def cmd_status(args, ctx) -> int:
-    summary = manager.status(ctx, args.session)
+def cmd_status(args, ctx, ops=manager) -> int:
+    summary = ops.status(ctx, args.session)
     if args.json:
         _print_json(summary)
     else:
         _print_session(summary)
     return EXIT_OK
+
+
+def cmd_serve(args, ctx, ops=manager) -> int:
+    from .api.server import serve
+    from .api.settings import DEFAULT_STATE_DIR, default_socket
+
+    state_dir = args.state_dir or os.environ.get("IOSEA_WF_HOME") or DEFAULT_STATE_DIR
+    socket_path = Path(args.socket) if args.socket else default_socket(args.site)
+    return serve(args.site, state_dir, socket_path, args.tcp, verbose=bool(args.verbose))
 
 
 COMMANDS = {
@@ -548,6 +612,7 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "list": cmd_list,
     "status": cmd_status,
+    "serve": cmd_serve,
 }
 
 
@@ -556,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse(argv)
-        return COMMANDS[args.command](args, _context(args))
+        return COMMANDS[args.command](args, *_backend(args))
     except IoseaError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code

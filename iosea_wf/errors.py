@@ -18,6 +18,8 @@ EXIT_RESOURCES = 6  # the datanodes cannot hold what is asked
 EXIT_ORCHESTRATION = 7  # provisioning or tearing down a service failed
 EXIT_SLURM = 8  # Slurm refused or is unreachable
 EXIT_STORE = 9  # the state directory or its session store cannot be used
+EXIT_UNREACHABLE = 10  # the site's Workflow Manager service cannot be reached
+EXIT_UNAUTHENTICATED = 11  # the Workflow Manager service did not accept who is calling
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 EXIT_CODES: dict[int, str] = {
@@ -31,6 +33,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_ORCHESTRATION: "provisioning or tearing down an ephemeral service failed",
     EXIT_SLURM: "Slurm refused the request (e.g. sbatch rejected a job) or is unreachable",
     EXIT_STORE: "the state directory or its session store cannot be used (unwritable, corrupt)",
+    EXIT_UNREACHABLE: "the site's Workflow Manager service cannot be reached",
+    EXIT_UNAUTHENTICATED: "the Workflow Manager service refused the request as unauthenticated",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -116,3 +120,15 @@ class WorkFailed(IoseaError):
     """Raised when waited-for work (a step, a data mover) ended in another state than COMPLETED."""
 
     exit_code = EXIT_FAILURE
+
+
+class ServiceUnreachable(IoseaError):
+    """Raised when the site's Workflow Manager service does not answer (socket missing, refused, ...)."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class Unauthenticated(IoseaError):
+    """Raised when no valid proof of who is calling comes with a request (or the service refused it)."""
+
+    exit_code = EXIT_UNAUTHENTICATED

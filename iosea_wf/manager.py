@@ -46,6 +46,9 @@ class Context:
     verbose: bool = False
     # The caller's Slurm token (scontrol token) for work done on their behalf: never logged or stored.
     slurm_jwt: str | None = field(default=None, repr=False)
+    # Files the caller read with their own rights and sent (a step's batch script, by the name the
+    # WDF gives it): a service never reads a user's files itself.
+    sent_files: dict[str, bytes] = field(default_factory=dict, repr=False)
     _site: Site | None = None
     _store: st.Store | None = None
 
@@ -104,14 +107,28 @@ def wdf_variables(
     return values
 
 
-def validate(ctx: Context, workflow_path: str, variables: dict[str, str], session: str | None = None):
-    """Load and validate a WDF against the site; return the Workflow or raise WDFError."""
+def validate(
+    ctx: Context,
+    workflow_path: str,
+    variables: dict[str, str],
+    session: str | None = None,
+    *,
+    text: str | None = None,
+):
+    """Load and validate a WDF against the site; return the Workflow or raise WDFError.
+
+    ``text`` is the WDF as the caller read it (``workflow_path`` then only names it).
+    """
     from .wdf import load_wdf
 
     if session:
         check_session_name(session)
     return load_wdf(
-        workflow_path, wdf_variables(ctx.user, workflow_path, session, variables), ctx.site, owner=ctx.user
+        workflow_path,
+        wdf_variables(ctx.user, workflow_path, session, variables),
+        ctx.site,
+        owner=ctx.user,
+        text=text,
     )
 
 
@@ -341,12 +358,18 @@ def start(
     session: str | None,
     variables: dict[str, str],
     progress: Progress = _quiet,
+    *,
+    text: str | None = None,
+    resolved: str | None = None,
 ) -> dict[str, Any]:
-    """Validate the WDF, record the session and provision every ephemeral service; return the session."""
+    """Validate the WDF, record the session and provision every ephemeral service; return the session.
+
+    ``text`` and ``resolved`` are the WDF as the caller read it and its absolute path there.
+    """
     if not workflow_path:
         raise UsageError("WORKFLOW= is mandatory (the Workflow Description File, e.g. WORKFLOW=wdf.yaml)")
     name = check_session_name(session)
-    workflow = validate(ctx, workflow_path, variables, session=name)
+    workflow = validate(ctx, workflow_path, variables, session=name, text=text)
     site = ctx.site
     session_id = st.new_session_id()
     now = time.time()
@@ -368,7 +391,9 @@ def start(
                         f"by session {other['name']!r} of {other['owner']} (service {svc['name']})"
                     )
         placements = _place_services(tx, site, workflow, session_id, ctx.user, name)
-        record = session_record(site, workflow, workflow_path, ctx.user, name, session_id, placements, now)
+        record = session_record(
+            site, workflow, resolved or workflow_path, ctx.user, name, session_id, placements, now
+        )
         tx.put_session(record)
 
     if not record["services"]:
@@ -532,8 +557,7 @@ def stop(
         if force and set(active) - cancelled:
             ids = sorted(set(active) - cancelled)
             progress(f"session {record['name']}: cancelling {len(ids)} job(s): {' '.join(ids)}")
-            # For another user only with their token (refused here without it: stop again with it).
-            slurm.cancel(ids, slurm.acting_for(ctx.user, ctx.slurm_jwt))
+            slurm.cancel(ids)
             cancelled.update(ids)
         waiting = active + [f"access (pid {a['pid']})" for a in steps.starting_accesses(record)]
         waiting += [f"submission of {i['name']}#{i['instance']}" for i in steps.submitting(record)]

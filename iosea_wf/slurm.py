@@ -286,3 +286,18 @@ def allocate_and_run(argv: list[str], env: dict[str, str] | None = None) -> int:
     if argv[0] != "salloc":
         raise SlurmError(f"not an salloc command: {argv[0]}")
     return subprocess.run(argv, env=env).returncode
+
+
+def user_token(lifespan: int = 120) -> str | None:
+    """A short-lived Slurm JWT of this process's user (``scontrol token``), or None where none is issued.
+
+    A site without auth/jwt issues none: the caller then sends no token and the service decides.
+    """
+    try:
+        proc = _run(["scontrol", "token", f"lifespan={lifespan}"], check=False, timeout=5)
+    except SlurmError:
+        return None
+    for line in proc.stdout.splitlines():
+        if proc.returncode == 0 and line.startswith("SLURM_JWT="):
+            return line.split("=", 1)[1].strip() or None
+    return None

@@ -140,6 +140,13 @@ def plan_run(
             )
 
     options, script_and_args, wrap = jobs.parse_sbatch(step_def.command)
+    sent = ctx.sent_files.get(script_and_args[0]) if wrap is None else None
+    if sent is not None:
+        # The caller read its batch script with its own rights and sent it: this copy is what runs.
+        copy = workdir / f"sent.{Path(script_and_args[0]).name}"
+        copy.write_bytes(sent)
+        copy.chmod(0o755)
+        script_and_args = [str(copy), *script_and_args[1:]]
     script = workdir / "step.sh"
     jobs.write_step_script(
         script,

@@ -36,6 +36,8 @@ def state_dir(tmp_path, monkeypatch):
     d = tmp_path / "state"
     monkeypatch.setenv("IOSEA_WF_HOME", str(d))
     monkeypatch.delenv("IOSEA_WF_SITE", raising=False)
+    # In-process tests stay in-process even where the shell names a Workflow Manager service.
+    monkeypatch.delenv("IOSEA_WF_URL", raising=False)
     return d
 
 

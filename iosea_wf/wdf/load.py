@@ -35,15 +35,21 @@ from .variables import STEP_VARIABLE, substitute
 
 
 def load_wdf(
-    path: str | os.PathLike, variables: dict[str, str], site: Site | None = None, *, owner: str | None = None
+    path: str | os.PathLike,
+    variables: dict[str, str],
+    site: Site | None = None,
+    *,
+    owner: str | None = None,
+    text: str | None = None,
 ) -> Workflow:
     """The validated workflow of the WDF at ``path``; WDFError listing every problem otherwise.
 
     With ``owner`` (and a site), namespaces are checked on this host too: inside the site's roots,
-    existing, and usable by that user.
+    existing, and usable by that user. With ``text`` (the file as its owner read it), ``path``
+    only names it and is not read.
     """
     problems = Problems(str(path))
-    raw = compose_marked(read_text(FsPath(path), problems), problems)
+    raw = compose_marked(read_text(FsPath(path), problems) if text is None else text, problems)
     if not isinstance(raw, dict):
         problems.add(
             (), "the top level must be a mapping", "the keys " + ", ".join(keys_of(TOP_LEVEL)), value=None

@@ -1,0 +1,88 @@
+"""Helpers for tests of the Workflow Manager service: start `iosea-wf serve`, send raw requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def munge_works() -> bool:
+    """True when munged answers here (the service cannot check anyone without it)."""
+    try:
+        done = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def need_munge() -> None:
+    """Skip without munged, or fail under IOSEA_WF_REQUIRE_SITE=1 (where the site must be up)."""
+    if munge_works():
+        return
+    if os.environ.get("IOSEA_WF_REQUIRE_SITE") == "1":
+        pytest.fail("munged does not answer (`make site` starts it)")
+    pytest.skip("munged does not answer (run `make site`)")
+
+
+def _accepts(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+@contextmanager
+def running_service(sock: Path, state: Path, *extra: str, log: Path | None = None):
+    """`iosea-wf serve` on ``sock`` with the store in ``state``, stopped (SIGTERM by pid) afterwards."""
+    env = {k: v for k, v in os.environ.items() if k not in ("IOSEA_WF_URL", "IOSEA_WF_HOME")}
+    log = log or sock.with_suffix(".log")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "iosea-wf"), "serve", "--socket", str(sock), "--state-dir", str(state), *extra],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not _accepts(sock):
+            if proc.poll() is not None:
+                raise AssertionError(f"iosea-wf serve exited {proc.returncode}: {log.read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"iosea-wf serve did not listen in 60 s: {log.read_text()}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def raw_request(sock: Path, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """One HTTP request on the Unix socket, with exactly the headers given: (status, JSON body)."""
+    import httpx
+
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://wm") as client:
+        r = client.request(method, path, content=body, headers=headers or {})
+    try:
+        return r.status_code, r.json()
+    except ValueError:
+        return r.status_code, r.text
