@@ -49,8 +49,8 @@ from . import auth
 
 API = "/v1"
 # Whether steps.submit makes a caller's jobs the caller's (sbatch --uid/--gid with their Slurm
-# token). Until it does, `run` is refused to any caller but the service's own user.
-SUBMITS_AS_CALLER = False
+# token): it does (slurm.acting_for), and refuses, exit 8, a request that brings no token.
+SUBMITS_AS_CALLER = True
 NDJSON = "application/x-ndjson"
 # uvicorn configures this logger (stderr, INFO): the service's own lines go with uvicorn's.
 log = logging.getLogger("uvicorn.error")
