@@ -28,7 +28,7 @@ from installed import byte_compile  # noqa: E402  bench/installed.py, beside thi
 from iosea_wf import store as st  # noqa: E402
 
 BIN = Path(sys.executable).parent
-ROUNDS = 5
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 SESSIONS = 1000
 
 WDF = """\
@@ -51,6 +51,15 @@ steps:
 
 def timed(argv: list[str], env: dict[str, str], cwd: Path) -> float:
     """Seconds one command took; it must succeed."""
+    if os.environ.get("BENCH_VERBOSE"):
+        print(
+            "..",
+            " ".join(argv[1:]),
+            "via",
+            env.get("IOSEA_WF_URL", "in-process"),
+            file=sys.stderr,
+            flush=True,
+        )
     t0 = time.perf_counter()
     done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True)
     took = time.perf_counter() - t0
@@ -64,13 +73,17 @@ def fill_store(state: Path, owner: str, count: int) -> None:
     """Add ``count`` STOPPED sessions of ``owner`` to the store in ``state`` (one transaction)."""
     store = st.Store(state)
     with store.transaction() as tx:
-        template = next(s for s in tx.sessions.all() if s["owner"] == owner)
+        template = dict(next(s for s in tx.sessions.all() if s["owner"] == owner))
+        records = []
         for i in range(count):
-            record = copy.deepcopy(dict(template))  # a plain dict: a Document keeps its doc_id
+            record = copy.deepcopy(template)
             record.update(
                 id=uuid.uuid4().hex, name=f"old-{i}", state=st.STOPPED, steps=[], resources_left=False
             )
-            tx.put_session(record)
+            record["schema_version"] = st.SCHEMA_VERSION
+            records.append(record)
+        # One write: TinyDB rewrites the whole file on every insert.
+        tx.sessions.insert_multiple(records)
 
 
 def main() -> None:
@@ -78,10 +91,12 @@ def main() -> None:
     user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="bench-service-", dir="/tmp") as tmp:
         tmp = Path(tmp)
-        work, ns = tmp / "work", tmp / "ns"
+        work = tmp / "work"
         work.mkdir()
-        ns.mkdir()
-        (work / "wf.yaml").write_text(WDF.format(ns=ns))
+        # One namespace serves one live session: `live` keeps its own, the timed sessions share one.
+        for name in ("live", "wf"):
+            (tmp / f"ns-{name}").mkdir()
+            (work / f"{name}.yaml").write_text(WDF.format(ns=tmp / f"ns-{name}"))
         (work / "job.sh").write_text("#!/bin/bash\ntrue\n")
         base = {k: v for k, v in os.environ.items() if k not in ("IOSEA_WF_URL", "IOSEA_WF_HOME")}
         base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"
@@ -98,7 +113,7 @@ def main() -> None:
             sides = {"service": remote, "in-process": local}
             # One live session each, for run and status; an untimed round warms both sides.
             for env in sides.values():
-                timed([cli, "start", "WORKFLOW=wf.yaml", "SESSION=live"], env, work)
+                timed([cli, "start", "WORKFLOW=live.yaml", "SESSION=live"], env, work)
                 timed([cli, "run", "SESSION=live", "STEP=s"], env, work)
             for r in range(ROUNDS):
                 for how, env in sides.items():
