@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SYSTEM_PYTHON = "/usr/bin/python3"
+from tests.packaging import ROOT, SYSTEM_PYTHON, build_wheel, system_venv
 
 WDF = """\
 workflow:
@@ -56,28 +53,11 @@ def installed(tmp_path_factory):
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.fail(f"{SYSTEM_PYTHON} is missing: `make install` installs Debian's python3-venv")
     base = tmp_path_factory.mktemp("package")
-    # Built from a copy: setuptools would ship stale files left in the checkout's build/ dir.
-    source = base / "source"
-    shutil.copytree(
-        ROOT,
-        source,
-        symlinks=True,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*cache", ".hypothesis"
-        ),
-    )
-    wheels = base / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
-        check=True,
-        timeout=300,
-    )
-    (wheel,) = wheels.glob("iosea_wf-*.whl")
-    venv = base / "venv"
-    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
+    wheel = build_wheel(base)
+    bin_dir = system_venv(base / "venv")
     # Dependencies come from the index pip is configured with; pip's wheel cache keeps this fast.
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, timeout=600)
-    return venv / "bin"
+    subprocess.run([str(bin_dir / "pip"), "install", "-q", str(wheel)], check=True, timeout=600)
+    return bin_dir
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import pwd
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +21,8 @@ import pytest
 
 from iosea_wf.api.app import SUBMITS_AS_CALLER
 from tests.api_service import need_munge, running_service
+from tests.packaging import SYSTEM_PYTHON, build_wheel, system_venv
 
-ROOT = Path(__file__).resolve().parents[2]
-SYSTEM_PYTHON = "/usr/bin/python3"
 # What the CLI imports on the client side (cli, manager, store, site, wdf, api.client).
 CLIENT_REQUIREMENTS = ["httpx", "pyyaml", "jinja2", "voluptuous", "tinydb", "rich"]
 
@@ -64,30 +62,12 @@ def client_bin():
     base = Path(tempfile.mkdtemp(prefix="iosea-wf-users-", dir="/var/tmp"))
     base.chmod(0o755)
     try:
-        source = base / "source"
-        shutil.copytree(
-            ROOT,
-            source,
-            symlinks=True,
-            ignore=shutil.ignore_patterns(
-                ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*cache", ".hypothesis"
-            ),
-        )
-        wheels = base / "wheels"
-        subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
-            check=True,
-            timeout=300,
-            capture_output=True,
-        )
-        (wheel,) = wheels.glob("iosea_wf-*.whl")
-        venv = base / "venv"
-        subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
-        pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+        wheel = build_wheel(base)
+        bin_dir = system_venv(base / "venv")
+        pip = [str(bin_dir / "pip"), "install", "-q", "--disable-pip-version-check"]
         subprocess.run([*pip, *CLIENT_REQUIREMENTS], check=True, timeout=600, capture_output=True)
         subprocess.run([*pip, "--no-deps", str(wheel)], check=True, timeout=300, capture_output=True)
-        shutil.rmtree(source)
-        yield venv / "bin"
+        yield bin_dir
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
