@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .errors import SlurmError, UsageError
+from .identity import current_user
 
 PENDING_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
 RUNNING_STATES = {"RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESIZING"}
@@ -184,16 +185,9 @@ class OnBehalf:
         return {**os.environ, "SLURM_JWT": self.token}
 
 
-def _process_user() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid{os.geteuid()}"
-
-
 def acting_for(user: str, token: str | None) -> OnBehalf | None:
     """None when this process runs as ``user``; else whom root acts for (refused without a token)."""
-    if user == _process_user():
+    if user == current_user():
         return None
     try:
         pw = pwd.getpwnam(user)
@@ -203,7 +197,7 @@ def acting_for(user: str, token: str | None) -> OnBehalf | None:
         return None
     if os.geteuid() != 0:
         raise SlurmError(
-            f"this process runs as {_process_user()}, not root: it cannot submit or cancel jobs for {user}"
+            f"this process runs as {current_user()}, not root: it cannot submit or cancel jobs for {user}"
         )
     if not token:
         raise SlurmError(
