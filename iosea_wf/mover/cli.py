@@ -1,18 +1,22 @@
 """``iosea-wf-mover``: the data-mover command the orchestrator runs in a Slurm job (or a sysadmin by hand).
 
     iosea-wf-mover {copy|move} --source DIR --target DIR [--workers N] [--progress FILE]
-                   [--strict] [--fsync] [--replace] PATTERN...
+                   [--strict] [--fsync] [--replace] [--verify] PATTERN...
 
 Exit codes: 0 ok; 1 some files failed (each reported, the others transferred); 2 usage error (bad
 arguments, a pattern escaping the source; nothing done); 3 the source directory is missing; 4 the
 target is full (ENOSPC/EDQUOT; temp file removed, stopped); 5 ``--strict`` and a pattern matched
-nothing; 130 cancelled by SIGINT; 143 cancelled by SIGTERM. A cancelled or killed run is finished by
-rerunning the same command. Every message line starts with ``iosea-wf-mover: ``; no tracebacks.
+nothing; 129 cancelled by SIGHUP; 130 cancelled by SIGINT; 143 cancelled by SIGTERM. A cancelled or
+killed run is finished by rerunning the same command. Every message line starts with
+``iosea-wf-mover: ``; no tracebacks, also when stderr is closed early (the messages are then
+dropped: the progress file still has them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 import threading
@@ -27,14 +31,20 @@ _EPILOG = (
     "  relative globs resolved under --source ('*', '?', '[...]' within a path component, '**' for\n"
     "  any depth; a leading dot is not special); the relative layout is kept under --target. Matched\n"
     "  directories are taken recursively. '..', absolute patterns and symlinks leading out of the\n"
-    "  source are refused. Symlinks inside the source are copied as symlinks.\n"
+    "  source are refused. Symlinks inside the source are copied as symlinks, their text unchanged.\n"
+    "  Entries named like the mover's own files (.iosea-mover, .NAME.iosea-tmp-HEX) are skipped,\n"
+    "  each with a warning.\n"
     "\n"
     "integrity:\n"
     "  each file is written to .<name>.iosea-tmp-<hex>, hashed (xxh3-128; a large file is copied\n"
     "  by the kernel, then hashed on both sides, which must agree), checked (lengths, source\n"
-    "  unchanged), then renamed into place; mode and mtime are kept. move deletes a source only\n"
-    "  once its copy is verified and the target filesystem synced to disk. Rerun the same command\n"
-    "  after an interruption to finish it.\n"
+    "  unchanged), then renamed into place. Metadata is kept as cp -a keeps it (mode, owner as\n"
+    "  root, times, xattrs, ACLs; sparse files stay sparse); what the target cannot keep is warned\n"
+    "  about, on stderr and in the progress file. move deletes a source only once its copy is\n"
+    "  verified and the target filesystem synced to disk. Rerun the same command after an\n"
+    "  interruption to finish it. Sources are read, never mapped, and no lease is taken on them:\n"
+    "  another process writing or cutting a source never waits for the mover (the copy of that\n"
+    "  file is then refused).\n"
     "\n"
     "existing files:\n"
     "  a file already at the target that is identical to its source (same bytes; e.g. left by an\n"
@@ -42,6 +52,13 @@ _EPILOG = (
     "  directory, another symlink) is never replaced silently: it is an error for that file, the\n"
     "  target is left as it was, the source is kept (move) and the exit code is 1. --replace\n"
     "  overwrites such files instead.\n"
+    "\n"
+    "reruns:\n"
+    "  a copy that ended leaves a record in TARGET/.iosea-mover/record.jsonl: the inode and ctime\n"
+    "  of each source and of its verified copy. A rerun skips, without hashing, each file whose two\n"
+    "  sides still have exactly those (no process can set a ctime: any change of data or metadata\n"
+    "  gives a new one), when the record was made on this boot or with --fsync; every other file\n"
+    "  already at the target is hashed on both sides. --verify hashes them all.\n"
     "\n"
     "exit codes:\n" + "".join(f"  {code:<4} {text}\n" for code, text in EXIT_CODES.items())
 )
@@ -87,16 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="overwrite files already at the target that differ from their source (default: refuse"
         " each one, keep its source, exit 1)",
     )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every file already at the target on both sides, even those the record of an"
+        " earlier run shows unchanged (default: a rerun trusts that record, see 'reruns' below)",
+    )
     p.add_argument("patterns", nargs="+", metavar="PATTERN", help="relative glob under --source")
     return p
 
 
 def _say(text: str, console=None) -> None:
+    """Print ``text`` on stderr, each line prefixed; a closed stderr silences the rest of the run."""
     lines = "\n".join(f"{PROG}: {line}" for line in text.splitlines() or [""])
-    if console is not None:
-        console.print(lines, markup=False, highlight=False)
-    else:
-        print(lines, file=sys.stderr, flush=True)
+    try:
+        if console is not None:
+            console.print(lines, markup=False, highlight=False)
+        else:
+            print(lines, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError, OSError):
+        _silence_stderr()
+
+
+def _silence_stderr() -> None:
+    """Point fd 2 at /dev/null: the reader went away, and neither a message nor the interpreter's
+    flush at exit may turn that into a traceback or another exit code."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
 
 
 class _Bar:
@@ -155,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         received.append(signum)
         cancel.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP (the terminal or the session that started the mover went away) stops it as SIGTERM does.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     bar = _Bar(args.operation) if sys.stderr.isatty() else None
     console = bar.console if bar else None
     try:
@@ -169,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             strict=args.strict,
             fsync=args.fsync,
             replace=args.replace,
+            verify=args.verify,
             cancel=cancel,
             on_message=lambda kind, text: _say(f"{kind}: {text}", console),
             on_progress=bar.update if bar else None,

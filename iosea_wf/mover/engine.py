@@ -5,18 +5,41 @@ console script (:mod:`iosea_wf.mover.cli`) is a thin layer over it.
 
 Integrity argument
 ------------------
-* Each file is written to ``.<name>.iosea-tmp-<hex>`` in its target directory and renamed over its
-  final name only when complete, so a reader (or a crash) never sees a partial file under a final
-  name: rename(2) within one directory is atomic.
+* The roots are refused up front when they overlap (:func:`dirs.overlap`): one directory by
+  ``(st_dev, st_ino)``, or one containing the other, by ``..`` from either or inside one
+  filesystem reached through two mounts (a bind mount, two mount paths of one NFS filesystem).
+  As another path may still lead from one into the other below the roots, a target directory
+  that is a directory of the source (by ``(st_dev, st_ino)``, from the plan) refuses the run,
+  a target directory that is its own source directory fails its files, and a target file that
+  is a source file (the same inode) is an error for it: a source is never "verified" against
+  itself, overwritten by its own copy, or deleted as its own copy.
+* Paths cannot be redirected: every directory, in the source and in the target, is opened
+  beneath a descriptor of its root without following any symlink on the way
+  (:func:`dirs.open_dir`: openat2 RESOLVE_NO_SYMLINKS|RESOLVE_BENEATH, else O_NOFOLLOW per
+  component), and files are opened relative to those (O_NOFOLLOW). Metadata goes the same way:
+  a file's through its open descriptors, a directory's through descriptors of both sides opened
+  so, a symlink's by ``dir_fd`` and name (``follow_symlinks=False``; attributes, which take no
+  ``dir_fd``, through ``/proc/self/fd/<dir>/<name>``, which resolves no path again), and the
+  stats a rerun records (inode and ctime of both sides) by ``dir_fd`` and name too. A directory
+  swapped for a symlink after planning, or a target directory that is a symlink, is an error for
+  the files under it, never followed. Target directories are created the same way, empty ones
+  included (a move keeps them: a source directory is removed only once its target directory
+  exists).
+* Each file is written to ``.<name>.iosea-tmp-<run id>-<n>`` in its target directory and renamed
+  over its final name only when complete, so a reader (or a crash) never sees a partial file
+  under a final name: rename(2) within one directory is atomic.
 * Small files (< 64 KiB) are read once; the bytes are hashed (xxh3-128) from the very buffer handed
   to write(2), so the digest describes exactly what was written: one read of size+1 bytes (a short
   or long read means the file changed) and one write whose count must be the whole file. Large
   files are copied by the kernel (copy_file_range, else sendfile; through the buffer only where
-  neither works) in 8 MiB chunks, and each chunk is then hashed on both sides, source and temp
-  file, through read-only mappings of the page cache; the two digests must agree, the total must
-  be the planned size and the temp file must have that length. The rename happens only if, after
-  the copy, the source's size and mtime (fstat of the open descriptor) are still those of the
-  plan. ``--fsync`` adds an fsync of each temp file.
+  neither works) in 8 MiB chunks, only their data ranges (SEEK_DATA/SEEK_HOLE: a sparse file
+  stays sparse), and each chunk is then hashed on both sides, the source by reading it and the
+  temp file through a read-only mapping of the page cache, holes as the zeros they read as; the
+  two digests must agree, the total must be the planned size and the temp file must have that
+  length. The temp file then gets the source's metadata (:mod:`metadata`: owner, exact mode,
+  xattrs, POSIX ACLs, times, as ``cp -a``; what the target cannot keep is a warning). The rename
+  happens only if, after the copy, the source's size and mtime (fstat of the open descriptor)
+  are still those of the plan. ``--fsync`` adds an fsync of each temp file.
 * What this does and does not check: it catches short or failed writes, truncation, a source that
   changes during the copy (a large one even when rewritten in place with its size and mtime
   kept), and (through the recorded digest) a target that differs on a later verification
@@ -25,37 +48,64 @@ Integrity argument
   instead on syncfs before deleting (below), and a rerun re-hashes the target against the
   journal before deleting a source it did not copy itself.
 * ``move`` deletes a source only after its copy was verified and renamed into place, and only after
-  it checked (lstat) that the source still has the size and mtime it had when copied. A worker
-  deletes its verified sources in batches, each after a ``syncfs`` of the target filesystem that
-  began after every copy of the batch was renamed into place, so a moved file's data is on stable
-  storage before its source is gone: a kill -9 *or a node crash* at any moment leaves each file
-  complete at the source, at the target, or both. A batch is deleted by a thread of the worker
+  it checked (lstat) that the source is still the inode it copied, with the size, mtime *and
+  ctime* it had then (a rewrite in place with the mtime put back changes the ctime; a symlink
+  re-pointed is another inode), and that the source is not its own copy (another inode than
+  the one at the target). A worker deletes its verified sources in batches, each after a
+  ``syncfs`` of the target filesystem that began after every copy of the batch was renamed into
+  place, so a moved file's data is on stable storage before its source is gone: a kill -9 *or a
+  node crash* at any moment leaves each file complete at the source, at the target, or both.
+  Each worker syncs through its own open file description of the target, opened before its
+  first copy, so its syncfs reports any write-back error (EIO) of the filesystem since then. A
+  syncfs error is never papered over (no fallback to sync()): the batch's sources, and every
+  source the worker would delete after it, are kept and reported, and the run stops. An error
+  of fsync (``--fsync``) or close of a copy fails that file before it is renamed into place.
+  The names of one hard-linked source (one ``(st_dev, st_ino)`` in the plan) are copied once
+  and linked to that copy, and all its names are checked before any is deleted.
+  A batch is deleted by a thread of the worker
   as soon as it holds 64 MiB, while the worker copies on, or else when the worker has no more
   work (also when the run is cancelled). (The chunks of large files are handed to the disk as
   they are copied, so that syncfs mostly waits for writes already under way.)
 * Worker processes (forked, so they share the plan) ask the kernel to SIGKILL them when the parent
   dies (PR_SET_PDEATHSIG, plus a getppid() check for a parent that died before that took effect),
   so a kill -9 of the mover stops its workers too; each of their steps above is atomic or leaves
-  only a temp file. They ignore SIGTERM/SIGINT: the parent relays a cancellation through a shared
-  stop flag that they poll per file and per chunk, so a cancelled run removes its in-flight temp
-  files, deletes (move) only what was verified, and exits 143/130. A source is mapped only
-  under a read lease, so another process cannot cut it under the mapping (which would kill the
-  worker with SIGBUS): it waits for the lease, one chunk at most (see ``filecopy._Lease``). A
+  only a temp file. They ignore SIGTERM/SIGINT/SIGHUP: the parent relays a cancellation through a
+  shared stop flag that they poll per file and per chunk, so a cancelled run removes its in-flight
+  temp files, deletes (move) only what was verified, and exits 143/130/129. A source is never mapped (it
+  is read to be hashed), so another process cutting it cannot kill a worker with SIGBUS, and the
+  mover takes no lease: no other process ever waits for it or is refused because of it. A
   worker that dies anyway (a bug) is reported by the parent, and the run fails; its temp file is
   removed by the rerun, and nothing was deleted that was not verified.
-* Resuming: stale temp files in the target directories are removed first. An element already at the
+* Only its own files: a temporary's name carries its run's id, and a run records itself
+  (:mod:`iosea_wf.mover.runs`) in the target's journal directory before it makes one. A run
+  removes a temporary only when its run id was recorded by a run that is gone; a user's file
+  named like a temporary, or a temporary of a mover into a directory above or below this
+  target, is never touched. Two movers into one target (overlapping runs of one step) also
+  serialise on an exclusive flock of the target directory, held for the whole run (the second
+  plans again once it has it): under it, every other recorded run is gone, as a lock dies with
+  its process; without working locks, a recorded run is gone when its process is.
+* Resuming: temporaries of dead runs in the target directories are removed first. An element already at the
   target with the source's size and mtime is verified rather than copied again: when the journal
-  (:mod:`iosea_wf.mover.journal`, one append per batch of files by each worker) recorded it, for
-  ``copy`` the journal line is trusted and for ``move`` the target is re-hashed against the recorded
-  digest before the source is deleted; without a journal line both sides are hashed and compared.
+  (:mod:`iosea_wf.mover.journal`, one append per batch of files by each worker) or the record of
+  an earlier copy has it, for ``copy`` the line is trusted only when both sides still have the
+  inode and ctime it recorded (else both are hashed), and for ``move`` the target is re-hashed
+  against the recorded digest before the source is deleted, which the identity checks above then
+  guard as for a fresh copy (a "done" element too: its source is checked against the plan's
+  inode, size, mtime and ctime); without a line both sides are hashed and compared.
   An element whose target holds anything else (a different file, as its size or hash shows, a
   directory, another symlink) is an error for that element: the target is left as it was and the
   source kept, unless ``replace`` (``--replace``) is given, which copies over it. A target absent
   at the scan is renamed into with RENAME_NOREPLACE, so a file another writer puts there during
   the copy is not replaced either (one renameat2 instead of rename: no extra call).
 * When a run ends (completed or failed) its journal is removed; a cancelled or killed run keeps it
-  for the rerun. Source directories a ``move`` emptied are removed when they were part of a matched
-  directory; target directories get their source mode and mtime at the end of the copy phase.
+  for the rerun. A ``copy`` that ends merges it into ``.iosea-mover/record.jsonl``, which makes a
+  rerun on an unchanged tree cost a stat of each side: an element is skipped unhashed only when
+  its source and its copy have the very inode and ctime recorded once the copy was verified (see
+  :mod:`iosea_wf.mover.journal` for why that is safe); ``--verify`` hashes every one. Source
+  directories a ``move`` emptied are removed when they were part of a matched directory; target
+  directories get their source's metadata at the end of the copy phase (:mod:`metadata`), and an
+  element found already at the target with the source's bytes gets the source's metadata where
+  it differs.
 
 Speed: small files cost kernel calls, and with threads the Python work between them is serialised
 by the GIL, so the work runs in worker processes (default two per core). Work is handed out in
@@ -69,6 +119,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import gc
 import mmap
 import os
@@ -80,7 +132,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from iosea_wf.mover import filecopy
+from iosea_wf.mover import dirs, filecopy, metadata
 from iosea_wf.mover.errors import (
     EXIT_FILES_FAILED,
     EXIT_OK,
@@ -94,6 +146,7 @@ from iosea_wf.mover.errors import (
 from iosea_wf.mover.journal import Journal
 from iosea_wf.mover.patterns import TEMP_RE, Entry, Plan, resolve, split_pattern
 from iosea_wf.mover.progress import MIN_INTERVAL_S, ProgressReporter, Snapshot
+from iosea_wf.mover.runs import Runs, new_run_id
 
 OPERATIONS = ("copy", "move")
 _BATCH_FILES = 256
@@ -103,10 +156,16 @@ _UNLINK_MIN = 64  # fewer sources than this per thread are not worth a thread
 _DELETE_EARLY_BYTES = 64 << 20  # a worker deletes verified sources during its copies past this
 _PR_SET_PDEATHSIG = 1
 _SYNC_FILE_RANGE_WRITE = 2
-_STOP = 0  # slot of the shared stop flag; then (files, bytes, verified bytes) per worker
-_SLOTS = 3
+_STOP = 0  # slot of the shared stop flag; then per worker:
+# (files, bytes, verified bytes, files copied but kept at the source, their bytes)
+_SLOTS = 5
 _MSG_MAX = 3000  # one message per pipe write, well under PIPE_BUF (4096): never interleaved
+_NOTES_MAX = 200  # metadata warnings said one by one; more are counted and said in one line
+# flock errors of a filesystem that has no locks: the transfer goes on without one.
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 CONFLICT_HINT = "kept at the source, target left as it was (--replace overwrites it)"
+SAME_FILE = "its target is the source file itself (the same inode through another path); kept"
+SAME_DIR = "its target directory is its source directory (through another path); kept"
 
 
 def default_workers() -> int:
@@ -131,6 +190,7 @@ class TransferResult:
         self.bytes_total: int = counts.get("bytes_total", 0)
         self.bytes_done: int = counts.get("bytes_done", 0)
         self.bytes_copied: int = counts.get("bytes_copied", 0)
+        self.bytes_verified: int = counts.get("bytes_verified", 0)  # found at the target, hashed
         self.errors: list[str] = counts.get("errors", [])
         self.warnings: list[str] = counts.get("warnings", [])
         self.elapsed_s: float = counts.get("elapsed_s", 0.0)
@@ -176,9 +236,18 @@ class _Libc:
             self.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
     def sync_fs(self, fd: int) -> None:
-        """Flush the filesystem holding ``fd`` to stable storage (syncfs, or sync where missing)."""
-        if self.syncfs is None or self.syncfs(fd) != 0:
-            os.sync()
+        """Flush the filesystem holding ``fd`` to stable storage; raise OSError with syncfs's error.
+
+        syncfs reports a write-back error (EIO: the disk refused data or metadata) that happened
+        on the filesystem since ``fd`` was opened, and each open file description sees it once:
+        each worker opens its own before its first copy. Never replaced by sync(), which
+        reports nothing: a source is deleted only after a syncfs that succeeded.
+        """
+        if self.syncfs is None:
+            raise OSError(errno.ENOSYS, "syncfs is missing: nothing can be made durable")
+        if self.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
 
     def die_with_parent(self, parent: int) -> None:
         """Have the kernel SIGKILL this process when ``parent`` dies (kill -9 included)."""
@@ -212,9 +281,18 @@ class _Transfer:
         self.batch_list: list[list] = []
         self.plan = Plan()
         self.bytes_total = 0
-        self.journal = Journal(target, source)
+        self.journal = Journal(target, source, fsync)
+        self.verify = False  # --verify: hash every element already at the target, trust no record
+        self.run_id = new_run_id()  # names this run's temporaries: it removes no one else's
+        self.runs = Runs(target, self.run_id)
         self.libc: _Libc | None = None
+        self.source_fd = -1  # the roots, opened once: every directory is opened beneath them
         self.target_fd = -1
+        self.locked = False  # holds the target's exclusive lock
+        self.worker_died = False
+        self.dir_stats: dict[str, os.stat_result] = {}
+        self.run_errors = 0  # errors in self.errors that are not about one element
+        self.notes_said = self.notes_unsaid = 0  # warnings of the workers (metadata not kept)
 
     def warn(self, text: str) -> None:
         self.warnings.append(text)
@@ -223,17 +301,37 @@ class _Transfer:
 
     # -- planning ------------------------------------------------------------------------------
     def scan_target(self, journal: dict) -> list[tuple[Entry, str, str | None]]:
-        """Remove stale temp files and decide, per entry, 'copy', 'verify', 'check' or 'done'."""
+        """Remove stale temp files and decide, per entry, 'copy', 'verify', 'check' or 'done'.
+
+        Raise MoverUsageError when a target directory is one of the source's (another path to it).
+        Only temporaries of runs that recorded themselves and are gone are removed.
+        """
         by_rel = {e.rel: e for e in self.plan.entries}
+        sources = {(e.dev, e.ino) for e in self.plan.entries}
         existing: dict[str, os.stat_result] = {}
+        dead = self.runs.dead(self.locked)
         removed = 0
-        for d in self.plan.dirs:
+        for d in sorted(self.plan.dirs | self.plan.tree_dirs):
             try:
-                with os.scandir(_join(self.target, d)) as it:
+                fd = dirs.open_dir(self.target_fd, d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as e:
+                self.warn(f"cannot open target directory {_join(self.target, d)}: {e.strerror}")
+                continue
+            try:
+                dst = os.fstat(fd)
+                if (dst.st_dev, dst.st_ino) in self.plan.dir_ids:
+                    raise MoverUsageError(
+                        f"target directory {_join(self.target, d)} is a directory of the source "
+                        "(another path to it): refused, nothing was done"
+                    )
+                with os.scandir(fd) as it:
                     for de in it:
-                        if TEMP_RE.match(de.name):
+                        m = TEMP_RE.match(de.name)
+                        if m is not None and m.group(1) in dead:
                             try:
-                                os.unlink(de.path)
+                                os.unlink(de.name, dir_fd=fd)
                                 removed += 1
                             except OSError:
                                 pass
@@ -241,30 +339,35 @@ class _Transfer:
                         rel = f"{d}/{de.name}" if d else de.name
                         if rel in by_rel:
                             existing[rel] = de.stat(follow_symlinks=False)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
             except OSError as e:
                 self.warn(f"cannot list target directory {_join(self.target, d)}: {e.strerror}")
+            finally:
+                os.close(fd)
         if removed:
             self.warn(f"removed {removed} temporary file(s) left by an interrupted run")
+        self.runs.forget(dead)
         work = []
         for e in self.plan.entries:
             st = existing.get(e.rel)
             if st is None:
                 work.append((e, "copy", None))
+            elif (st.st_dev, st.st_ino) in sources:
+                self.errors.append(f"{e.rel}: {SAME_FILE}")
             elif e.kind == "link":
-                dst = _join(self.target, e.rel)
-                if stat.S_ISLNK(st.st_mode) and os.readlink(dst) == e.link:
+                d, _, name = e.rel.rpartition("/")
+                if stat.S_ISLNK(st.st_mode) and self._target_link(d, name) == e.link:
                     self._already_done(e, work)
                 else:
                     self._occupied(e, work, "something else")
             elif stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns):
-                rec = journal.get(e.rel)
+                rec = None if self.verify else journal.get(e.rel)
                 if rec is not None and rec[:2] == (e.size, e.mtime_ns):
                     if self.move:
                         work.append((e, "check", rec[2]))
-                    else:
+                    elif len(rec) == 3 or self._record_holds(e, st, rec):
                         self._already_done(e, work)
+                    else:
+                        work.append((e, "verify", None))
                 else:
                     work.append((e, "verify", None))
             elif stat.S_ISREG(st.st_mode) and st.st_size == e.size and not self.replace:
@@ -273,7 +376,54 @@ class _Transfer:
             else:
                 kind = "a different file" if stat.S_ISREG(st.st_mode) else "something else"
                 self._occupied(e, work, kind)
-        return work
+        return self._link_groups(work)
+
+    @staticmethod
+    def _link_groups(work: list) -> list:
+        """Hard links stay links: of the files of one inode to copy, the first is copied and carries
+        the others (in its third field), which its worker then links to the copy."""
+        first: dict[tuple[int, int], list[Entry]] = {}
+        out = []
+        for w in work:
+            e, action, _ = w
+            if action == "copy" and e.kind == "file" and e.nlink > 1:
+                others = first.get((e.dev, e.ino))
+                if others is not None:
+                    others.append(e)
+                    continue
+                others = first[(e.dev, e.ino)] = []
+                w = (e, action, others)
+            out.append(w)
+        return out
+
+    def _target_link(self, d: str, name: str) -> str | None:
+        try:
+            fd = dirs.open_dir(self.target_fd, d)
+        except OSError:
+            return None
+        try:
+            return os.readlink(name, dir_fd=fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def make_target_dirs(self) -> None:
+        """Create every target directory of the plan, empty ones included (never through a symlink)."""
+        for d in sorted(self.plan.dirs | self.plan.tree_dirs):
+            if d:
+                try:
+                    os.close(dirs.make_dirs(self.target_fd, d))
+                except OSError as e:
+                    self.errors.append(f"{d}/: cannot create the target directory: {e.strerror}")
+
+    @staticmethod
+    def _record_holds(e: Entry, st: os.stat_result, rec: tuple) -> bool:
+        """The quick check of a rerun: whether the copy at the target (stat ``st``) and the source
+        (as planned) are the very files, unchanged, that journal or record line ``rec`` says were
+        verified equal: same inode and ctime on both sides (see :mod:`iosea_wf.mover.journal` for
+        why that is safe; size and mtime were compared already)."""
+        return (e.ino, e.ctime_ns, st.st_ino, st.st_ctime_ns) == rec[3:7]
 
     def _occupied(self, e: Entry, work: list, what: str) -> None:
         """The target holds something other than the source: replace it only when told to."""
@@ -312,17 +462,18 @@ class _Transfer:
         files, done_bytes = self.base.files, self.base.bytes
         a = self.shared
         if a is not None:
-            files += sum(a[1::_SLOTS])
-            done_bytes += sum(a[2::_SLOTS])
+            files += sum(a[1::_SLOTS]) - sum(a[4::_SLOTS])
+            done_bytes += sum(a[2::_SLOTS]) - sum(a[5::_SLOTS])
         return Snapshot(
             operation=self.operation,
             state=state,
-            files_total=len(self.plan.entries),
+            files_total=len(self.plan.entries) + len(self.plan.errors),
             files_done=files,
-            files_failed=len(self.errors),
+            files_failed=len(self.errors) - self.run_errors,
             bytes_total=self.bytes_total,
             bytes_done=done_bytes,
             errors=list(self.errors),
+            warnings=list(self.warnings),
         )
 
     def verified_bytes(self) -> int:
@@ -340,10 +491,26 @@ class _Transfer:
             self.on_progress(snap, self.reporter)
         return snap
 
+    def run_error(self, text: str) -> None:
+        """Record an error of the run itself (not of one element: files_failed does not count it)."""
+        self.errors.append(text)
+        self.run_errors += 1
+
     def _message(self, line: bytes) -> None:
+        """Take one line from a worker: a kind letter (see ``_Worker.say``), then the text."""
         kind, text = line[:1], line[1:].decode("utf-8", "surrogateescape")
-        if kind == b"F":
+        if kind == b"W":
+            if self.notes_said < _NOTES_MAX:
+                self.notes_said += 1
+                self.warn(text)
+            else:
+                self.notes_unsaid += 1  # counted, and said as one line at the end
+            return
+        if kind in b"FQ":
             self.full = True
+        if kind in b"RQ":
+            self.run_error(text)
+            return
         self.errors.append(text)
 
     def run_workers(self, batches: list) -> None:
@@ -353,7 +520,6 @@ class _Transfer:
             return
         self.batch_list = batches
         self.libc = _Libc()
-        self.target_fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.shared = memoryview(mmap.mmap(-1, 8 * (1 + _SLOTS * n))).cast("q")
         task_r, task_w = os.pipe()
         res_r, res_w = os.pipe()
@@ -396,27 +562,76 @@ class _Transfer:
                 if status:
                     code = os.waitstatus_to_exitcode(status)
                     what = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-                    self.errors.append(f"a worker process died ({what}); rerun to finish the transfer")
+                    self.run_error(f"a worker process died ({what}); rerun to finish the transfer")
+                    self.worker_died = True
             feeder.join()
-            os.close(self.target_fd)
+
+    def dirs_to_finish(self) -> set[str]:
+        """The target directories that get their source's metadata at the end of the copy phase."""
+        return (self.plan.dirs | self.plan.tree_dirs) - {""}
+
+    def snapshot_dirs(self) -> None:
+        """Stat the source directories before any file moves: a move's deletions change their mtime."""
+        self.dir_stats = {}
+        for d in self.dirs_to_finish():
+            with contextlib.suppress(OSError):
+                fd = dirs.open_dir(self.source_fd, d)
+                try:
+                    self.dir_stats[d] = os.fstat(fd)
+                finally:
+                    os.close(fd)
 
     def finish_dirs(self) -> None:
-        """Give target directories their source mode and mtime, deepest first (after their files)."""
-        for d in sorted(self.plan.dirs - {""}, key=lambda d: -d.count("/")):
+        """Give target directories their source's metadata, deepest first (after their files).
+
+        Both sides are opened beneath their roots (no symlink followed) and changed through those
+        descriptors, so a directory swapped for a symlink meanwhile redirects nothing.
+        """
+        for d in sorted(self.dirs_to_finish(), key=lambda d: -d.count("/")):
+            st = self.dir_stats.get(d)
+            if st is None:
+                continue
+            sfd = tfd = -1
             try:
-                st = os.lstat(_join(self.source, d))
-                path = _join(self.target, d)
-                os.chmod(path, stat.S_IMODE(st.st_mode))
-                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+                sfd = dirs.open_dir(self.source_fd, d)
+                tfd = dirs.open_dir(self.target_fd, d)
             except OSError:
-                pass  # a directory only gets its metadata when both sides are there
+                for fd in (sfd, tfd):
+                    if fd >= 0:
+                        os.close(fd)
+                continue  # a directory only gets its metadata when both sides are there
+            try:
+                notes = metadata.finish_dir(sfd, tfd, st)
+            except OSError as e:
+                notes = [f"metadata not kept: {e.strerror}"]
+            finally:
+                os.close(sfd)
+                os.close(tfd)
+            for note in notes:
+                self.warn(f"{d}/: {note}")
 
     def prune_source_dirs(self) -> None:
-        """Remove the source directories a move emptied (inside matched directories), deepest first."""
+        """Remove the source directories a move emptied (inside matched directories), deepest first.
+
+        Only those whose directory is at the target (an empty directory is moved, not lost).
+        """
         for d in sorted(self.plan.tree_dirs - {""}, key=lambda d: -d.count("/")):
-            # Not empty (something was not moved) or already gone: keep it.
+            parent, _, name = d.rpartition("/")
+            # Not empty (something was not moved), not at the target, or already gone: keep it.
             with contextlib.suppress(OSError):
-                os.rmdir(_join(self.source, d))
+                os.close(dirs.open_dir(self.target_fd, d))
+                pfd = dirs.open_dir(self.source_fd, parent)
+                try:
+                    os.rmdir(name, dir_fd=pfd)
+                finally:
+                    os.close(pfd)
+
+
+def _identities(sdir: int, tdir: int, name: str) -> tuple[int, int, int, int]:
+    """(inode, ctime) of source ``name`` in open directory ``sdir`` and of its copy in ``tdir``,
+    as a journal line of a copy keeps them (lstat relative to the descriptors: no path followed)."""
+    s, d = os.lstat(name, dir_fd=sdir), os.lstat(name, dir_fd=tdir)
+    return (s.st_ino, s.st_ctime_ns, d.st_ino, d.st_ctime_ns)
 
 
 def _feed(task_w: int, count: int) -> None:
@@ -443,15 +658,15 @@ def _worker_main(run: _Transfer, slot: int, task_r: int, res_w: int, parent: int
     try:
         # The parent decides when to stop (it receives SIGTERM/SIGINT, or the job's whole process
         # group does): workers ignore those signals and poll the shared stop flag instead.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
         run.libc.die_with_parent(parent)
         gc.disable()
         _Worker(run, slot, res_w).serve(task_r)
     except BaseException as e:  # a bug: report it, the parent turns it into a per-run error
         code = 70
         with contextlib.suppress(BaseException):
-            os.write(res_w, f"Einternal error in worker {slot}: {e!r}"[:_MSG_MAX].encode() + b"\n")
+            os.write(res_w, f"Rinternal error in worker {slot}: {e!r}"[:_MSG_MAX].encode() + b"\n")
     finally:
         os._exit(code)
 
@@ -472,16 +687,25 @@ class _Worker:
         self.files_i = 1 + _SLOTS * slot
         self.res_w = res_w
         self.buf = filecopy.new_buffer()
-        self.token = os.urandom(4).hex()  # drawn after fork: distinct per worker
+        self.token = f"{run.run_id}-{slot:02x}"  # this run's id: only this run removes its temporaries
         self.seq = 0
+        # Its own open file description of the target, opened before its first copy: its syncfs
+        # then reports every write-back error since (another description's check hides none).
+        self.sync_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=run.target_fd)
+        self.sync_error: OSError | None = None  # once syncfs failed, this worker deletes nothing
         self.cur_dir: str | None = None
         self.sdir = self.tdir = -1
         self.dir_error: OSError | None = None
+        self.tinfo: metadata.DirInfo | None = None  # what the current target directory gives new files
+        self.notes: list[str] = []  # metadata the element in hand could not keep at the target
         self.records: list[tuple[str, int, int, str]] = []
-        self.to_delete: list[tuple[str, str, int | None, int]] = []  # (dir rel, name, size, mtime_ns)
+        # (dir rel, name, identity the source must still have, (st_dev, st_ino) of its copy, size,
+        # the (dir rel, name) of its other hard links)
+        self.to_delete: list[tuple[str, str, tuple, tuple[int, int], int, tuple]] = []
         self.delete_bytes = 0  # bytes of the sources in to_delete
         self.deletions: queue.Queue = queue.Queue()  # lists handed to the deleter thread; None ends it
         self.deleter: threading.Thread | None = None
+        self.keep_lock = threading.Lock()  # the deleter threads share the kept counters
 
     def stopping(self) -> bool:
         return bool(self.a[_STOP])
@@ -490,6 +714,9 @@ class _Worker:
         self.a[self.files_i + 1] += n
 
     def say(self, kind: str, text: str) -> None:
+        """Send one message to the parent. Kinds: E an element failed (one counted done whose
+        source is kept is taken off the done counters by ``keep``), F an element failed on a full
+        target, W a warning, R an error of the run, Q the target full outside any element."""
         line = kind + text.replace("\n", " ")[:_MSG_MAX] + "\n"
         os.write(self.res_w, line.encode("utf-8", "surrogateescape"))
 
@@ -516,32 +743,38 @@ class _Worker:
             if fd >= 0:
                 os.close(fd)
         self.sdir = self.tdir = -1
-        self.cur_dir, self.dir_error = d, None
+        self.cur_dir, self.dir_error, self.tinfo = d, None, None
         if d is None:
             return
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        target = _join(self.run.target, d)
         try:
-            self.sdir = os.open(_join(self.run.source, d), flags)
-            try:
-                self.tdir = os.open(target, flags)
-            except FileNotFoundError:
-                os.makedirs(target, exist_ok=True)  # workers may race here: exist_ok
-                self.tdir = os.open(target, flags)
+            # Beneath the roots, no symlink followed: a directory swapped for one is an error.
+            self.sdir = dirs.open_dir(self.run.source_fd, d)
+            self.tdir = dirs.make_dirs(self.run.target_fd, d)
+            s, t = os.fstat(self.sdir), os.fstat(self.tdir)
+            if (s.st_dev, s.st_ino) == (t.st_dev, t.st_ino):
+                self.dir_error = OSError(errno.EEXIST, SAME_DIR)
+            else:
+                self.tinfo = metadata.dir_info(self.tdir)
         except OSError as e:
             self.dir_error = e
 
     def fail(self, rel: str, text: str) -> None:
+        """Report that element ``rel`` failed (one counted done and then kept is undone by ``keep``)."""
         self.say("E", f"{rel}: {text}")
 
     def one(self, e: Entry, action: str, recorded: str | None) -> None:
+        self.notes.clear()  # what an element that failed could not keep is not said: it failed
         a, i = self.a, self.files_i
         rel = e.rel
         d, _, name = rel.rpartition("/")
         before = a[i + 1]
         try:
+            if d != self.cur_dir:
+                self.enter_dir(d)
+            if self.dir_error is not None:
+                raise self.dir_error
             if action == "done":
-                self.queue_delete(d, name, None if e.kind == "link" else e.size, e.mtime_ns)
+                self.queue_delete(d, name, e.identity(), e.size)
                 return
             if action != "copy":
                 if self.verified_in_place(e, action, recorded):
@@ -553,17 +786,20 @@ class _Worker:
                     self.fail(rel, f"a different file is already at the target; {CONFLICT_HINT}")
                     return
             if e.kind == "link":
-                dst = _join(self.run.target, rel)
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                tmp = os.path.join(os.path.dirname(dst), self.tmp_name(name))
-                filecopy.copy_symlink(dst, tmp, e.link, e.mtime_ns, not self.run.replace)
+                tmp = self.tmp_name(name)
+                filecopy.copy_symlink(
+                    name,
+                    tmp,
+                    e.link,
+                    e.mtime_ns,
+                    not self.run.replace,
+                    self.tdir,
+                    src_dir_fd=self.sdir,
+                    notes=self.notes,
+                )
                 self.records.append((rel, 0, e.mtime_ns, "link"))
-                self.queue_delete(d, name, None, e.mtime_ns)
+                self.queue_delete(d, name, e.identity(), 0)
             else:
-                if d != self.cur_dir:
-                    self.enter_dir(d)
-                if self.dir_error is not None:
-                    raise self.dir_error
                 st, digest = filecopy.copy_file(
                     self.sdir,
                     self.tdir,
@@ -576,10 +812,28 @@ class _Worker:
                     self.fsync,
                     self.writeback if e.size >= filecopy.BUF_SIZE else None,
                     not self.run.replace,
+                    self.tinfo,
+                    self.notes,
                 )
-                self.records.append((rel, st.st_size, st.st_mtime_ns, digest.hex()))
-                self.queue_delete(d, name, st.st_size, st.st_mtime_ns)
+                # What was copied: the source as fstat saw it once read (a rewrite since changes ctime).
+                identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+                linked = self.link_others(name, st, digest, recorded) if recorded else ()
+                if self.move:
+                    self.records.append((rel, st.st_size, st.st_mtime_ns, digest.hex()))
+                else:  # what a rerun's quick check compares: both sides' inode and ctime
+                    # taken after the other names were linked (each link sets the copy's ctime)
+                    tst = os.stat(name, dir_fd=self.tdir, follow_symlinks=False)
+                    ids = (st.st_ino, st.st_ctime_ns, tst.st_ino, tst.st_ctime_ns)
+                    self.records.append((rel, st.st_size, st.st_mtime_ns, digest.hex(), *ids))
+                    for od, oname in linked:  # the same two inodes
+                        line = (_join(od, oname), st.st_size, st.st_mtime_ns, digest.hex(), *ids)
+                        self.records.append(line)
+                self.queue_delete(d, name, identity, st.st_size, linked)
             a[i] += 1
+            if self.notes:
+                for note in self.notes:
+                    self.say("W", f"{rel}: {note}")
+                self.notes.clear()
         except filecopy.CopyAborted:
             a[i + 1] = before
         except OSError as err:
@@ -599,26 +853,87 @@ class _Worker:
 
     def verified_in_place(self, e: Entry, action: str, recorded) -> bool:
         """Return whether the target already holds the source (by hash); queue the source if moving."""
-        src, dst = _join(self.run.source, e.rel), _join(self.run.target, e.rel)
+        d, _, name = e.rel.rpartition("/")
         buf, stopping = self.buf, self.stopping
         if action == "check":
-            size, digest = filecopy.hash_file(dst, buf, stopping)
+            size, digest = filecopy.hash_file(name, buf, stopping, self.tdir)
             ok = size == e.size and digest.hex() == recorded
         else:
-            theirs = filecopy.hash_file(src, buf, stopping)
-            ok = theirs == filecopy.hash_file(dst, buf, stopping)
+            # Identities taken before hashing: a change during the hash gives a new ctime, which
+            # the next run's quick check then does not trust.
+            ids = () if self.move else _identities(self.sdir, self.tdir, name)
+            theirs = filecopy.hash_file(name, buf, stopping, self.sdir)
+            ok = theirs == filecopy.hash_file(name, buf, stopping, self.tdir)
             if ok:
-                self.records.append((e.rel, e.size, e.mtime_ns, theirs[1].hex()))
+                # The same bytes, but maybe not the same metadata (another tool's copy, a source
+                # chmod-ed since): the copy gets the source's, as a fresh copy would.
+                changed = not self.move and _identities(self.sdir, self.tdir, name) != ids
+                for note in metadata.refresh(self.sdir, self.tdir, name):
+                    self.say("W", f"{e.rel}: {note}")
+                if self.move:
+                    self.records.append((e.rel, e.size, e.mtime_ns, theirs[1].hex()))
+                elif not changed:  # neither side changed while hashed: record them as they are now
+                    now = _identities(self.sdir, self.tdir, name)
+                    self.records.append((e.rel, e.size, e.mtime_ns, theirs[1].hex(), *now))
         if ok:
-            d, _, name = e.rel.rpartition("/")
-            self.queue_delete(d, name, e.size, e.mtime_ns)
+            self.queue_delete(d, name, e.identity(), e.size)
         return ok
 
-    def queue_delete(self, d: str, name: str, size: int | None, mtime_ns: int) -> None:
-        """Queue a verified source for deletion; hand the queue to the deleter once it holds enough bytes."""
+    def link_others(self, name: str, st: os.stat_result, digest: bytes, others: list[Entry]) -> tuple:
+        """Link the other names of a hard-linked source to its copy ``name`` (in this worker's target dir).
+
+        Return the (dir, name) of the source links whose target link is in place.
+        """
+        a, i = self.a, self.files_i
+        made = os.stat(name, dir_fd=self.tdir, follow_symlinks=False)
+        done = []
+        for o in others:
+            od, _, oname = o.rel.rpartition("/")
+            try:
+                tfd = dirs.make_dirs(self.run.target_fd, od)
+                try:
+                    tmp = self.tmp_name(oname)
+                    os.link(name, tmp, src_dir_fd=self.tdir, dst_dir_fd=tfd, follow_symlinks=False)
+                    try:
+                        got = os.stat(tmp, dir_fd=tfd, follow_symlinks=False)
+                        if (got.st_dev, got.st_ino) != (made.st_dev, made.st_ino):
+                            raise filecopy.CopyFailed(
+                                "its first name's copy was replaced meanwhile; not linked"
+                            )
+                        if self.run.replace:
+                            os.rename(tmp, oname, src_dir_fd=tfd, dst_dir_fd=tfd)
+                        else:
+                            filecopy.rename_noreplace(tmp, oname, tfd)
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            os.unlink(tmp, dir_fd=tfd)
+                        raise
+                finally:
+                    os.close(tfd)
+            except FileExistsError:
+                self.fail(o.rel, filecopy.APPEARED)
+                continue
+            except (OSError, filecopy.CopyFailed) as err:
+                self.fail(o.rel, f"cannot link it to {name}'s copy: {getattr(err, 'strerror', None) or err}")
+                continue
+            if self.move:  # a copy's lines, with identities, are written once all names are linked
+                self.records.append((o.rel, st.st_size, st.st_mtime_ns, digest.hex()))
+            self.add_bytes(o.size)
+            a[i] += 1
+            done.append((od, oname))
+        return tuple(done)
+
+    def queue_delete(self, d: str, name: str, identity: tuple, size: int, links: tuple = ()) -> None:
+        """Queue a verified source for deletion; hand the queue to the deleter once it holds enough bytes.
+
+        ``identity`` is (inode, size, mtime, ctime, links) the source must still have when it is deleted;
+        ``links`` are the (dir, name) of its other hard links, deleted with it (after one check of
+        all: deleting one link changes the inode's ctime).
+        """
         if self.move:
-            self.to_delete.append((d, name, size, mtime_ns))
-            self.delete_bytes += size or 0
+            t = os.stat(name, dir_fd=self.tdir, follow_symlinks=False)
+            self.to_delete.append((d, name, identity, (t.st_dev, t.st_ino), size, links))
+            self.delete_bytes += size
             if self.delete_bytes >= _DELETE_EARLY_BYTES:
                 self.hand_off_deletions()
 
@@ -647,7 +962,7 @@ class _Worker:
                 if todo:
                     self.delete_now(todo)
         except BaseException as e:  # a bug: what was not deleted stays at the source, and it is said
-            self.say("E", f"internal error while deleting sources: {e!r}")
+            self.say("R", f"internal error while deleting sources: {e!r}")
 
     def flush_journal(self) -> None:
         if self.records:
@@ -657,7 +972,7 @@ class _Worker:
             except OSError as e:
                 if e.errno in filecopy.FULL_ERRNOS:
                     self.a[_STOP] = 1
-                    self.say("F", f"target full ({e.strerror}) while writing the journal; stopped")
+                    self.say("Q", f"target full ({e.strerror}) while writing the journal; stopped")
 
     def delete_sources(self) -> None:
         """Delete every source still queued, and wait until the deleter thread (if any) is done.
@@ -686,7 +1001,18 @@ class _Worker:
         spread over a few threads: an unlink can wait on the disk (ext4 mounted with ``discard``
         issues a synchronous discard per freed extent), and such waits overlap.
         """
-        self.run.libc.sync_fs(self.run.target_fd)  # every queued copy is now on stable storage
+        if self.sync_error is None:
+            try:
+                self.run.libc.sync_fs(self.sync_fd)  # every queued copy is now on stable storage
+            except OSError as e:
+                self.sync_error = e
+                self.a[_STOP] = 1  # a target that loses writes: stop, keep every source not yet deleted
+        if self.sync_error is not None:
+            reason = self.sync_error.strerror or str(self.sync_error)
+            for d, name, _identity, _copy, size, links in todo:
+                for ld, lname in ((d, name), *links):
+                    self.keep(_join(ld, lname), size, f"the target could not be synced ({reason})")
+            return
         step = max(-(-len(todo) // _UNLINK_THREADS), _UNLINK_MIN)
         parts = [todo[k : k + step] for k in range(0, len(todo), step)]
         helpers = [threading.Thread(target=self._unlink_all, args=(part,)) for part in parts[1:]]
@@ -696,37 +1022,88 @@ class _Worker:
         for t in helpers:
             t.join()
 
+    def keep(self, rel: str, size: int, why: str) -> None:
+        """Report a copied source that is kept; it no longer counts as done (deleter threads only)."""
+        with self.keep_lock:
+            self.a[self.files_i + 3] += 1
+            self.a[self.files_i + 4] += size
+        self.fail(rel, f"kept at the source: {why}")
+
     def _unlink_all(self, todo: list) -> None:
-        """Unlink the sources of ``todo`` that did not change since they were copied."""
+        """Unlink the sources of ``todo`` that are still what was copied, and not their own copy."""
         cur, dfd, dir_error = None, -1, None
         try:
-            for d, name, size, mtime_ns in todo:
+            for d, name, identity, copy, size, links in todo:
                 if d != cur:
                     if dfd >= 0:
                         os.close(dfd)
                     cur, dfd, dir_error = d, -1, None
                     try:
-                        dfd = os.open(_join(self.run.source, d), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                        dfd = dirs.open_dir(self.run.source_fd, d)
                     except OSError as e:
                         dir_error = e
                 rel = f"{d}/{name}" if d else name
                 if dir_error is not None:
                     if not isinstance(dir_error, FileNotFoundError):
-                        self.fail(rel, f"cannot delete source: {dir_error.strerror}")
+                        self.keep(rel, size, f"cannot delete it: {dir_error.strerror}")
+                    continue
+                if links:
+                    self._unlink_links(((d, name), *links), identity, copy, size)
                     continue
                 try:
-                    st = os.lstat(name, dir_fd=dfd)
-                    if size is not None and (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                        self.fail(rel, "changed after being copied; kept at source")
+                    why = self._unchanged(os.lstat(name, dir_fd=dfd), identity, copy)
+                    if why is not None:
+                        self.keep(rel, size, why)
                         continue
                     os.unlink(name, dir_fd=dfd)
                 except FileNotFoundError:
                     pass
                 except OSError as e:
-                    self.fail(rel, f"cannot delete source: {e.strerror}")
+                    self.keep(rel, size, f"cannot delete it: {e.strerror}")
         finally:
             if dfd >= 0:
                 os.close(dfd)
+
+    @staticmethod
+    def _unchanged(st: os.stat_result, identity: tuple, copy: tuple[int, int]) -> str | None:
+        """Why source ``st`` must be kept (changed since copied, or its own copy), or None."""
+        kind_size = st.st_size if stat.S_ISREG(st.st_mode) else -1
+        if (st.st_ino, kind_size, st.st_mtime_ns) != identity[:3]:
+            return "changed after being copied"
+        # A new ctime is a change, except where a hard link of it was deleted since (a rerun
+        # deletes the links of an inode one by one, and each unlink sets the ctime).
+        if st.st_ctime_ns != identity[3] and not st.st_nlink < identity[4]:
+            return "changed after being copied"
+        if (st.st_dev, st.st_ino) == copy:
+            return SAME_FILE
+        return None
+
+    def _unlink_links(self, links: tuple, identity: tuple, copy: tuple[int, int], size: int) -> None:
+        """Delete the hard links of one source, all checked first: all, or none if one changed."""
+        fds: list[tuple[str, str, int]] = []
+        try:
+            why = None
+            for d, name in links:
+                try:
+                    fd = dirs.open_dir(self.run.source_fd, d)
+                    fds.append((d, name, fd))
+                    why = why or self._unchanged(os.lstat(name, dir_fd=fd), identity, copy)
+                except OSError as e:
+                    why = why or f"cannot delete it: {e.strerror}"
+            if why is not None:
+                for d, name in links:
+                    self.keep(_join(d, name), size, why)
+                return
+            for d, name, fd in fds:
+                try:
+                    os.unlink(name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    self.keep(_join(d, name), size, f"cannot delete it: {e.strerror}")
+        finally:
+            for _, _, fd in fds:
+                os.close(fd)
 
 
 def transfer(
@@ -740,6 +1117,7 @@ def transfer(
     *,
     fsync: bool = False,
     replace: bool = False,
+    verify: bool = False,
     cancel: threading.Event | None = None,
     on_message: Callable[[str, str], None] | None = None,
     on_progress: Callable[[Snapshot, ProgressReporter], None] | None = None,
@@ -748,6 +1126,8 @@ def transfer(
 
     A file already at the target that differs from its source (not one this transfer wrote, as
     its journal or a hash shows) is a per-file error, its source kept, unless ``replace``.
+    With ``verify``, every element already at the target is hashed on both sides, whatever the
+    record of an earlier run says.
     """
     t0 = time.monotonic()
     reporter = ProgressReporter(os.fspath(progress_path) if progress_path is not None else None)
@@ -765,10 +1145,12 @@ def transfer(
         if not os.path.isdir(src):
             raise SourceMissing(f"source directory {os.fspath(source)} does not exist")
         dst = os.path.realpath(os.fspath(target))
-        if dst == src:
-            raise MoverUsageError("--source and --target are the same directory")
         if os.path.exists(dst) and not os.path.isdir(dst):
             raise MoverUsageError(f"target {os.fspath(target)} exists and is not a directory")
+        # A copy into its own source overwrites it, a move deletes what it "copied" onto itself.
+        why = dirs.overlap(src, dst)
+        if why is not None:
+            raise MoverUsageError(f"{why}: refused, nothing was done")
     except MoverError as e:
         _write_failed(reporter, operation, str(e))
         raise
@@ -784,6 +1166,42 @@ def transfer(
         on_progress,
         replace,
     )
+    run.verify = verify
+    try:
+        run.source_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        _write_failed(reporter, operation, f"cannot open the source: {e.strerror}")
+        raise SourceMissing(f"cannot open the source directory {src}: {e.strerror}") from e
+    try:
+        _make_plan(run, patterns, strict, cancel)
+        try:
+            os.makedirs(dst, exist_ok=True)
+            lock, waited = _lock_target(run, dst, cancel)
+        except OSError as e:
+            code = EXIT_TARGET_FULL if e.errno in filecopy.FULL_ERRNOS else EXIT_FILES_FAILED
+            run.run_error(f"cannot prepare target {dst}: {e.strerror}")
+            run.tick("failed", force=True)
+            return _result(run, "failed", code, t0)
+        try:
+            if lock < 0:  # cancelled while another mover held the target: nothing was touched
+                run.tick("cancelled", force=True)
+                return _result(run, "cancelled", None, t0)
+            run.target_fd = lock
+            if waited and not cancel.is_set():
+                # The other mover may have moved or changed what this plan holds: plan again.
+                _make_plan(run, patterns, strict, cancel)
+            return _transfer_locked(run, t0, cancel)
+        finally:
+            if lock >= 0:
+                os.close(lock)
+    finally:
+        os.close(run.source_fd)
+
+
+def _make_plan(run: _Transfer, patterns: list[str], strict: bool, cancel: threading.Event) -> None:
+    """Resolve the patterns into ``run.plan``, reporting what matched nothing (and, ``strict``, failing)."""
+    src, dst, operation, reporter = run.source, run.target, run.operation, run.reporter
+    run.errors = []
     try:
         skip = None
         if os.path.isdir(dst):
@@ -807,16 +1225,63 @@ def transfer(
     run.errors.extend(run.plan.errors)
     run.bytes_total = sum(e.size for e in run.plan.entries)
 
+
+def _lock_target(run: _Transfer, dst: str, cancel: threading.Event) -> tuple[int, bool]:
+    """Take an exclusive lock on the target directory, held for the whole run: (fd or -1, waited).
+
+    Two movers into one target (overlapping runs of one step) serialise here, so under the lock a
+    temporary file in the target can only be left by a mover that is gone (its lock died with it,
+    kill -9 included): the scan removes those, never a live mover's. A cancel while waiting ends
+    the wait (-1).
+    """
+    fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    waited = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            run.locked = True
+            return fd, waited
+        except BlockingIOError:
+            if not waited:
+                run.warn(f"waiting for another mover writing into {dst} to finish")
+            waited = True
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                os.close(fd)
+                raise
+            # A filesystem without flock (some network ones): still move, unserialised, as before.
+            run.warn(f"cannot lock the target {dst} ({e.strerror}): another mover into it could clash")
+            return fd, False
+        except BaseException:
+            os.close(fd)
+            raise
+        if cancel.wait(0.2):
+            os.close(fd)
+            return -1, waited
+
+
+def _transfer_locked(run: _Transfer, t0: float, cancel: threading.Event) -> TransferResult:
+    """The transfer proper, once the target is locked."""
+    dst, reporter = run.target, run.reporter
     try:
-        os.makedirs(dst, exist_ok=True)
         journal = run.journal.load()
         run.journal.open()
+        run.runs.record()
     except OSError as e:
         code = EXIT_TARGET_FULL if e.errno in filecopy.FULL_ERRNOS else EXIT_FILES_FAILED
-        run.errors.append(f"cannot prepare target {dst}: {e.strerror}")
+        run.run_error(f"cannot prepare target {dst}: {e.strerror}")
+        run.tick("failed", force=True)
         return _result(run, "failed", code, t0)
     if not cancel.is_set():
-        work = run.scan_target(journal)
+        run.snapshot_dirs()
+        try:
+            work = run.scan_target(journal)
+        except MoverError as e:
+            run.runs.forget(None)
+            run.journal.remove()
+            _write_failed(reporter, run.operation, str(e))
+            raise
+        run.make_target_dirs()
         run.tick(force=True)
         run.run_workers(run.batches(work))
     cancelled = cancel.is_set()
@@ -824,6 +1289,10 @@ def transfer(
         run.finish_dirs()
     if run.move:
         run.prune_source_dirs()
+    if not run.worker_died:  # every temporary of this run was renamed into place or removed
+        run.runs.forget(None)
+    if run.notes_unsaid:
+        run.warn(f"and {run.notes_unsaid} more metadata warning(s) like those above, not listed one by one")
     if cancelled:
         state, code = "cancelled", None
         run.journal.close()
@@ -834,7 +1303,10 @@ def transfer(
             state, code = "failed", EXIT_FILES_FAILED
         else:
             state, code = "completed", EXIT_OK
-        run.journal.remove()
+        if run.move:
+            run.journal.remove()
+        else:
+            run.journal.keep_as_record()  # what the quick check of a rerun reads
     run.tick(state, force=True)
     if reporter.write_error:
         run.warn(reporter.write_error)
@@ -853,6 +1325,7 @@ def _result(run: _Transfer, state: str, code: int | None, t0: float) -> Transfer
         bytes_total=snap.bytes_total,
         bytes_done=snap.bytes_done,
         bytes_copied=snap.bytes_done - run.base.bytes - run.verified_bytes(),
+        bytes_verified=run.verified_bytes(),
         errors=list(run.errors),
         warnings=list(run.warnings),
         elapsed_s=time.monotonic() - t0,

@@ -17,6 +17,7 @@ EXIT_USAGE = 2  # bad arguments or a pattern that escapes the source: nothing wa
 EXIT_NO_SOURCE = 3  # the source directory does not exist (or is not a directory)
 EXIT_TARGET_FULL = 4  # ENOSPC/EDQUOT on the target: the in-flight temp file was removed, the run stopped
 EXIT_NOTHING_MATCHED = 5  # --strict and a pattern matched nothing: nothing was done
+EXIT_SIGHUP = 128 + signal.SIGHUP  # 129: cancelled by SIGHUP (its terminal or session went away)
 EXIT_SIGINT = 128 + signal.SIGINT  # 130: cancelled by SIGINT (Ctrl-C)
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: cancelled by SIGTERM (scancel)
 
@@ -27,6 +28,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_NO_SOURCE: "the source directory does not exist",
     EXIT_TARGET_FULL: "the target is full (ENOSPC/EDQUOT); stopped, temp file removed",
     EXIT_NOTHING_MATCHED: "--strict and a pattern matched nothing; nothing was done",
+    EXIT_SIGHUP: "cancelled by SIGHUP; rerun the same command to finish",
     EXIT_SIGINT: "cancelled by SIGINT; rerun the same command to finish",
     EXIT_SIGTERM: "cancelled by SIGTERM (scancel); rerun the same command to finish",
 }

@@ -11,8 +11,9 @@ Pattern rules (``fnmatch`` per path component, so a leading dot is not special):
   directory is copied as a symlink when it resolves inside the source, and reported as a per-file
   error otherwise;
 * FIFOs, sockets and devices are reported as per-file errors (opening a FIFO would block forever);
-* the mover's own journal directory and temporary files, and the target directory when it lies
-  inside the source, are never matched.
+* the mover's own journal directory and temporary files are never matched (a target inside the
+  source is refused before planning; the plan records the ``(st_dev, st_ino)`` of every source
+  directory and file, so that another path into the source is recognised at the target).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from iosea_wf.mover.errors import MoverUsageError
 
 JOURNAL_DIR = ".iosea-mover"
 TEMP_MARK = ".iosea-tmp-"
-TEMP_RE = re.compile(r"\A\..*\.iosea-tmp-[0-9a-f]+\Z", re.S)
+# A temporary file: ``.<name>.iosea-tmp-<run id>-<worker and sequence>``; the run id (16 hex digits)
+# says which run made it, so a mover only ever removes temporaries of its own or of a dead run.
+TEMP_RE = re.compile(r"\A\..*\.iosea-tmp-([0-9a-f]{16})-[0-9a-f]+\Z", re.S)
 _MAGIC = re.compile(r"[*?\[]")
+_MOVER_FILES = frozenset({"journal.jsonl", "record.jsonl"})  # what a mover keeps in JOURNAL_DIR
 
 
 # Plain classes, not dataclasses: importing dataclasses (and inspect behind it) is a measurable part
@@ -36,10 +40,17 @@ _MAGIC = re.compile(r"[*?\[]")
 class Entry:
     """One element to transfer: a regular file or a symlink, by its path relative to the source."""
 
-    __slots__ = ("rel", "kind", "size", "mtime_ns", "mode", "link")
+    __slots__ = ("rel", "kind", "size", "mtime_ns", "mode", "link", "ino", "ctime_ns", "dev", "nlink")
 
     def __init__(
-        self, rel: str, kind: str, size: int, mtime_ns: int, mode: int = 0o644, link: str | None = None
+        self,
+        rel: str,
+        kind: str,
+        size: int,
+        mtime_ns: int,
+        mode: int = 0o644,
+        link: str | None = None,
+        st: os.stat_result | None = None,
     ):
         self.rel = rel
         self.kind = kind  # "file" or "link"
@@ -47,6 +58,14 @@ class Entry:
         self.mtime_ns = mtime_ns
         self.mode = mode  # permission bits
         self.link = link  # symlink text to create at the target (absolute ones made relative)
+        # Identity when planned: a source is deleted only if it is still this inode, unchanged.
+        self.dev, self.ino = (st.st_dev, st.st_ino) if st is not None else (0, 0)
+        self.ctime_ns = st.st_ctime_ns if st is not None else 0
+        self.nlink = st.st_nlink if st is not None else 1
+
+    def identity(self) -> tuple[int, int, int, int, int]:
+        """(inode, size, mtime, ctime, links) as planned: what a source must still have to be deleted."""
+        return (self.ino, self.size if self.kind == "file" else -1, self.mtime_ns, self.ctime_ns, self.nlink)
 
     def __repr__(self) -> str:
         fields = (self.rel, self.kind, self.size, self.mtime_ns, oct(self.mode), self.link)
@@ -61,6 +80,7 @@ class Plan:
         self.dirs: set[str] = set()  # every source dir holding an entry ("" is the root)
         self.matched_dirs: set[str] = set()  # dirs a pattern named (emptied by a move)
         self.tree_dirs: set[str] = set()  # every dir inside a matched dir (rmdir'ed by a move)
+        self.dir_ids: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every source dir seen
         self.errors: list[str] = []
         self.unmatched: list[str] = []
         self.notes: list[str] = []
@@ -85,14 +105,14 @@ def _inside(path: str, root: str) -> bool:
 
 
 def link_text_inside(link_abs: str, root: str) -> str | None:
-    """Return the text to give a copy of symlink ``link_abs``, or None when it resolves outside ``root``."""
+    """Return the text to give a copy of symlink ``link_abs``, or None when it resolves outside ``root``.
+
+    The text is kept as it is, as ``cp -a`` keeps it: rewriting an absolute link into a relative
+    one re-pointed links whose path went through other symlinks (dangling after a move).
+    """
     text = os.readlink(link_abs)
     if not _inside(os.path.realpath(link_abs), root):
         return None
-    if os.path.isabs(text):
-        # Copied verbatim, an absolute link would keep pointing into the source (dangling after a
-        # move); relative to its own directory it points to the same element inside the copy.
-        return os.path.relpath(os.path.normpath(text), os.path.dirname(link_abs))
     return text
 
 
@@ -104,9 +124,32 @@ class _Resolver:
         self.plan = Plan()
         self.seen: set[str] = set()
         self.trees: set[str] = set()  # dirs already taken whole: '**' yields each of their subdirs too
+        self.said: set[str] = set()  # notes already made
 
-    def _skipped_name(self, name: str) -> bool:
-        return name == JOURNAL_DIR or (TEMP_MARK in name and TEMP_RE.match(name) is not None)
+    def _skipped_name(self, name: str, parent: str) -> bool:
+        """Whether ``name`` (in source dir ``parent``) is one of the mover's own files: never taken,
+        and said, so that a user's entry of that name is not left behind silently."""
+        if name == JOURNAL_DIR:
+            if self._only_mover_files(os.path.join(self.root, parent, name)):
+                return True  # the journal or record of a mover that wrote here: not worth a word
+            what = "the mover's journal directory"
+        elif TEMP_MARK in name and TEMP_RE.match(name) is not None:
+            what = "a mover's temporary file"
+        else:
+            return False
+        note = f"{_join(parent, name)}: not transferred: named like {what}"
+        if note not in self.said:  # '**' may list a directory more than once
+            self.said.add(note)
+            self.plan.notes.append(note)
+        return True
+
+    @staticmethod
+    def _only_mover_files(path: str) -> bool:
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return False
+        return all(n in _MOVER_FILES or ".tmp-" in n for n in names)
 
     def _is_skipped_dir(self, st: os.stat_result) -> bool:
         return self.skip is not None and (st.st_dev, st.st_ino) == self.skip
@@ -137,7 +180,7 @@ class _Resolver:
                 st = os.lstat(os.path.join(self.root, child))
             except (FileNotFoundError, NotADirectoryError):
                 return
-            if self._skipped_name(head) or (stat.S_ISDIR(st.st_mode) and self._is_skipped_dir(st)):
+            if self._skipped_name(head, rel) or (stat.S_ISDIR(st.st_mode) and self._is_skipped_dir(st)):
                 return
             if stat.S_ISLNK(st.st_mode):
                 if literal and not _inside(os.path.realpath(os.path.join(self.root, child)), self.root):
@@ -161,15 +204,18 @@ class _Resolver:
                     yield from self._walk(_join(rel, name), rest, False, pattern)
 
     def _children(self, path: str) -> Iterator[tuple[str, os.stat_result]]:
+        rel = "" if path == self.root else os.path.relpath(path, self.root)
         try:
             with os.scandir(path) as it:
                 items = []
                 for de in it:
-                    if self._skipped_name(de.name):
+                    if self._skipped_name(de.name, rel):
                         continue
                     st = de.stat(follow_symlinks=False)
-                    if stat.S_ISDIR(st.st_mode) and self._is_skipped_dir(st):
-                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        if self._is_skipped_dir(st):
+                            continue
+                        self.plan.dir_ids.add((st.st_dev, st.st_ino))
                     items.append((de.name, st))
         except OSError as e:
             self.plan.errors.append(f"{os.path.relpath(path, self.root)}: cannot list: {e.strerror}")
@@ -180,6 +226,7 @@ class _Resolver:
     def _take(self, rel: str, st: os.stat_result, named: bool) -> None:
         mode = st.st_mode
         if stat.S_ISDIR(mode):
+            self.plan.dir_ids.add((st.st_dev, st.st_ino))
             if named:
                 self.plan.matched_dirs.add(rel)
             if not self._in_taken_tree(rel):
@@ -190,13 +237,13 @@ class _Resolver:
             return
         self.seen.add(rel)
         if stat.S_ISREG(mode):
-            self._add(Entry(rel, "file", st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)))
+            self._add(Entry(rel, "file", st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), st=st))
         elif stat.S_ISLNK(mode):
             text = link_text_inside(os.path.join(self.root, rel), self.root)
             if text is None:
                 self.plan.errors.append(f"{rel}: symlink points outside the source; refused")
             else:
-                self._add(Entry(rel, "link", 0, st.st_mtime_ns, link=text))
+                self._add(Entry(rel, "link", 0, st.st_mtime_ns, link=text, st=st))
         else:
             self.plan.errors.append(f"{rel}: not a regular file, directory or symlink; refused")
 
@@ -247,6 +294,8 @@ def resolve(
     """Return the plan of what ``patterns`` select under the (real, absolute) ``source`` directory."""
     split = [(p, split_pattern(p)) for p in patterns]  # validate all before touching the disk
     resolver = _Resolver(source, skip, cancelled)
+    root = os.stat(source)
+    resolver.plan.dir_ids.add((root.st_dev, root.st_ino))
     for pattern, comps in split:
         if not resolver.match(pattern, comps):
             resolver.plan.unmatched.append(pattern)

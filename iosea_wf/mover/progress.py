@@ -8,10 +8,14 @@ The JSON document (``--progress FILE``), replaced atomically (temp file + rename
      "files_total": int, "files_done": int, "files_failed": int,
      "bytes_total": int, "bytes_done": int,
      "throughput_bytes_per_s": float, "eta_s": float|null,
-     "errors": [str, ...], "started_at": float, "updated_at": float}
+     "errors": [str, ...], "warnings": [str, ...], "started_at": float, "updated_at": float}
 
 ``files_done``/``bytes_done`` count elements already complete at the target (verified by this run
-or found complete from an earlier one). ``errors`` holds at most :data:`MAX_ERRORS` messages.
+or found complete from an earlier one); ``files_done + files_failed <= files_total`` always.
+``errors`` holds at most :data:`MAX_ERRORS` messages, one per failed element or failure of the
+run; ``warnings`` (as many at most) what was not transferred as asked without being an error:
+metadata the target could not keep, entries skipped because they are named like the mover's own
+files, patterns that matched nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Snapshot:
         "bytes_total",
         "bytes_done",
         "errors",
+        "warnings",
     )
 
     def __init__(
@@ -52,6 +57,7 @@ class Snapshot:
         bytes_total: int,
         bytes_done: int,
         errors: list[str] | None = None,
+        warnings: list[str] | None = None,
     ):
         self.operation = operation
         self.state = state
@@ -61,6 +67,7 @@ class Snapshot:
         self.bytes_total = bytes_total
         self.bytes_done = bytes_done
         self.errors = [] if errors is None else errors
+        self.warnings = [] if warnings is None else warnings
 
 
 class ProgressReporter:
@@ -111,6 +118,7 @@ class ProgressReporter:
             "throughput_bytes_per_s": round(self.throughput, 1),
             "eta_s": None if self.eta_s is None else round(self.eta_s, 2),
             "errors": snap.errors[:MAX_ERRORS],
+            "warnings": snap.warnings[:MAX_ERRORS],
             "started_at": self.started_at,
             "updated_at": time.time(),
         }

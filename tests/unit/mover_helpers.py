@@ -46,6 +46,8 @@ def digests(root: str) -> dict[str, object]:
     """Return {rel: xxh3-128 digest or ('link', text)} for every file and symlink under ``root``."""
     out: dict[str, object] = {}
     for d, dirs, files in os.walk(root):
+        if ".iosea-mover" in dirs:
+            dirs.remove(".iosea-mover")  # the mover's own: its record stays after a copy
         for name in files + [x for x in dirs if os.path.islink(os.path.join(d, x))]:
             p = os.path.join(d, name)
             rel = os.path.relpath(p, root)
@@ -58,11 +60,12 @@ def digests(root: str) -> dict[str, object]:
 
 
 def leftovers(root: str) -> list[str]:
-    """Return every mover temp file or journal directory under ``root``."""
+    """Return every mover temp file or journal (not the record a copy leaves) under ``root``."""
     found = []
-    for d, dirs, files in os.walk(root):
+    for d, _dirs, files in os.walk(root):
         found += [os.path.join(d, n) for n in files if TEMP_MARK in n]
-        found += [os.path.join(d, n) for n in dirs if n == ".iosea-mover"]
+        if os.path.basename(d) == ".iosea-mover":
+            found += [os.path.join(d, n) for n in files if n != "record.jsonl"]
     return found
 
 

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 import xxhash
 
 from iosea_wf.mover import engine, filecopy
-from tests.unit.mover_helpers import digests, leftovers, write
+from tests.unit.mover_helpers import MOVER, digests, leftovers, write
 
 BUF = filecopy.BUF_SIZE
 CHUNK = filecopy.CHUNK
@@ -114,7 +115,7 @@ def test_large_file_is_copied_by_the_kernel_in_chunks(tmp_path, monkeypatch):
     readv = _counting(monkeypatch, "readv")
     data = os.urandom(2 * CHUNK + 5)
     _check_copied(tmp_path, data, *_copy(tmp_path, data))
-    assert len(cfr) == 4 and readv == []  # 3 chunks + the end-of-file probe; no byte through Python
+    assert len(cfr) == 3 and readv == []  # 3 chunks, each in one call; no write from Python
 
 
 @pytest.mark.parametrize("code", [errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL])
@@ -153,17 +154,15 @@ def test_hash_by_reading_where_files_cannot_be_mapped(tmp_path, monkeypatch):
     monkeypatch.setattr(filecopy.mmap, "mmap", no_file_maps)
     data = os.urandom(CHUNK + 7)
     _check_copied(tmp_path, data, *_copy(tmp_path, data))
-    assert len(refused) == 4  # 2 chunks, each hashed on both sides
+    assert len(refused) == 2  # 2 chunks, each hashed on the temp file (the source is never mapped)
 
 
 def test_source_rewritten_in_place_during_the_copy_is_refused(tmp_path, monkeypatch):
     """Same size, same mtime afterwards: only the comparison of the two digests can see it.
 
-    (Done in this process between the copy of a chunk and its hash, so without a lease: under one,
-    a writer elsewhere waits until the chunk is hashed, and the copy is then of the bytes before.)
+    (Done in this process between the copy of a chunk and its hash.)
     """
     path = tmp_path / "src" / "f"
-    monkeypatch.setattr(filecopy._Lease, "take", classmethod(lambda cls, fd: False))
     real = os.copy_file_range
 
     def copy_then_rewrite(src, dst, count, *offsets):
@@ -181,15 +180,9 @@ def test_source_rewritten_in_place_during_the_copy_is_refused(tmp_path, monkeypa
 
 
 def _another_process(code: str) -> subprocess.Popen:
-    """Start a process that runs ``code``; return once it ran or waits on the copier's lease.
-
-    Leases only hold off other open files, as in a real run: a writer elsewhere on the node.
-    """
+    """Start a process that runs ``code`` (a writer elsewhere on the node) and wait for it."""
     other = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.monotonic() + 20
-    while other.poll() is None and not filecopy._Lease.broken:
-        assert time.monotonic() < deadline, "the other process neither ran nor waited on the lease"
-        time.sleep(0.005)
+    other.wait(timeout=20)
     return other
 
 
@@ -197,47 +190,26 @@ def _cut_by_another_process(path, size: int) -> subprocess.Popen:
     return _another_process(f"import os; os.truncate({str(path)!r}, {size})")
 
 
-def test_a_process_cutting_a_mapped_source_waits_for_the_chunk_then_the_copy_is_refused(
-    tmp_path, monkeypatch
-):
-    """Mapping a source that another process cuts would kill the copier (SIGBUS): the read lease
-    makes the cutter wait while the chunk in hand is hashed, then lets it in; the copy is refused."""
+@pytest.mark.parametrize("when", ["after the copy", "after the size check"])
+def test_another_process_cuts_a_source_at_once_and_the_copy_is_refused_not_fatal(tmp_path, monkeypatch, when):
+    """A process cutting a source being copied is never held off nor refused (coreutils truncate
+    opens O_NONBLOCK, which a read lease made fail with EAGAIN), and the copier, which never
+    maps a source, reads it short and refuses the copy instead of dying of SIGBUS."""
     path = tmp_path / "src" / "f"
-    real = os.copy_file_range
     seen = {}
 
-    def copy_while_cut(src, dst, count, *offsets):
-        if "cutter" not in seen:  # first chunk: the cutter comes in now, before its hash
-            n = real(src, dst, count, *offsets)
-            seen["cutter"] = cutter = _cut_by_another_process(path, 4096)
-            seen["held off"] = cutter.poll() is None and os.stat(path).st_size == 3 * CHUNK
-            return n
-        if "released" not in seen:  # next chunk: the lease was let go after the first one's hash
-            t0 = time.monotonic()
-            seen["cutter"].wait(timeout=20)
-            seen["released"] = time.monotonic() - t0
-        return real(src, dst, count, *offsets)
+    def cut():
+        t0 = time.monotonic()
+        proc = subprocess.run(["truncate", "-s", "4096", str(path)], capture_output=True, text=True)
+        seen["cut"] = (proc.returncode, proc.stderr, time.monotonic() - t0)
 
-    monkeypatch.setattr(os, "copy_file_range", copy_while_cut)
-    with pytest.raises(filecopy.CopyFailed, match="changed since"):
-        _copy(tmp_path, os.urandom(3 * CHUNK))
-    assert seen["held off"], "the cutter was not held off by a lease while the chunk was mapped"
-    assert seen["released"] < 10  # released after one chunk, not at the 45 s lease-break timeout
-    assert os.listdir(tmp_path / "dst") == [] and os.stat(path).st_size == 4096
-
-
-@pytest.mark.parametrize("when", ["after the copy", "after the size check"])
-def test_without_a_lease_a_source_cut_before_its_hash_is_refused_not_fatal(tmp_path, monkeypatch, when):
-    """No lease (another user's file, a filesystem without leases): the source is read, not
-    mapped, so a cut even after the size check reads short and is refused instead of faulting."""
-    path = tmp_path / "src" / "f"
-    monkeypatch.setattr(filecopy._Lease, "take", classmethod(lambda cls, fd: False))
     if when == "after the copy":
         real = os.copy_file_range
 
         def copy_then_cut(src, dst, count, *offsets):
             n = real(src, dst, count, *offsets)
-            os.truncate(path, 4096)
+            if "cut" not in seen:
+                cut()
             return n
 
         monkeypatch.setattr(os, "copy_file_range", copy_then_cut)
@@ -245,13 +217,21 @@ def test_without_a_lease_a_source_cut_before_its_hash_is_refused_not_fatal(tmp_p
         real = filecopy._hash_read
 
         def cut_then_hash(fd, *args):
-            os.truncate(path, 4096)
+            if "cut" not in seen:
+                cut()
             return real(fd, *args)
 
         monkeypatch.setattr(filecopy, "_hash_read", cut_then_hash)
-    with pytest.raises(filecopy.CopyFailed, match="changed since"):
-        _copy(tmp_path, os.urandom(3 * BUF))
-    assert os.listdir(tmp_path / "dst") == []
+    try:
+        _copy(tmp_path, os.urandom(3 * CHUNK))
+        refused = ""
+    except filecopy.CopyFailed as e:
+        refused = str(e)
+    code, err, took = seen["cut"]
+    assert code == 0, err  # main's read lease: "cannot open ... Resource temporarily unavailable"
+    assert took < 2  # not held for a lease (the kernel's lease-break time is 45 s)
+    assert refused.startswith("changed since")
+    assert os.listdir(tmp_path / "dst") == [] and os.stat(path).st_size == 4096
 
 
 @pytest.mark.parametrize("size", [100, 3 * BUF + 5, 2 * CHUNK + 5])
@@ -293,3 +273,39 @@ def test_move_deletes_many_sources_with_parallel_unlinks(tmp_path):
     assert result.exit_code == 0, result.errors
     assert digests(dst) == expected and leftovers(dst) == []
     assert not os.path.exists(src) or all(not files for _d, _s, files in os.walk(src))
+
+
+def test_a_suspended_mover_makes_no_writer_of_its_sources_wait(tmp_path):
+    """SIGSTOP the mover (all its processes) in the middle of a large file: a writer that opens
+    that source, and a truncate of it, go through at once (main: EAGAIN, or 45 s of lease break)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    names = [f"big{i}.dat" for i in range(4)]
+    for name in names:
+        write(str(src / name), os.urandom(64 << 20))
+    proc = subprocess.Popen(
+        [MOVER, "copy", "--workers", "1", "--source", str(src), "--target", str(dst), "*"],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (dst.is_dir() and any(".iosea-tmp-" in n for n in os.listdir(dst))):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.0005)
+        os.killpg(proc.pid, signal.SIGSTOP)  # in the middle of a file (its temp file is there)
+        t0 = time.monotonic()
+        for name in names:
+            path = str(src / name)
+            cut = subprocess.run(["truncate", "-s", "4096", path], capture_output=True, text=True, timeout=10)
+            assert cut.returncode == 0, cut.stderr
+            opened = subprocess.run(
+                [sys.executable, "-c", f"open({path!r}, 'ab').write(b'x')"], capture_output=True, timeout=10
+            )
+            assert opened.returncode == 0, opened.stderr
+        assert time.monotonic() - t0 < 5  # nobody waited for a lease (the kernel would make it 45 s)
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "changed since the transfer started" in err, err
+    assert "Traceback" not in err

@@ -1,0 +1,134 @@
+"""Every failure of the mover is told, and its counters add up (issue 15, finding 11)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from tests.unit.mover_helpers import MOVER, digests, leftovers, make_tree, read_progress, run_mover, write
+
+MB = 1 << 20
+
+
+def test_a_target_that_cannot_be_prepared_is_told_on_stderr_and_in_the_progress_file(tmp_path):
+    src, prog = str(tmp_path / "src"), str(tmp_path / "p.json")
+    write(os.path.join(src, "f"), b"data")
+    write(str(tmp_path / "file"), b"not a directory")
+    r = run_mover(
+        "copy", "--source", src, "--target", str(tmp_path / "file" / "sub"), "--progress", prog, "*"
+    )
+    assert r.returncode == 1
+    assert "error: cannot prepare target" in r.stderr and "Not a directory" in r.stderr, r.stderr
+    doc = read_progress(prog)
+    assert doc["state"] == "failed" and any("cannot prepare target" in e for e in doc["errors"]), doc
+    assert doc["files_done"] + doc["files_failed"] <= doc["files_total"]
+
+
+def test_a_target_full_at_the_start_is_told_and_leaves_no_journal(tmp_path):
+    """A full tmpfs (in a private mount namespace, gone with the process): exit 4, a reason,
+    and the target holds nothing the mover made (main left .iosea-mover/journal.jsonl)."""
+    src, dst, prog, listing = (str(tmp_path / n) for n in ("src", "dst", "p.json", "ls"))
+    write(os.path.join(src, "f"), b"x" * 100_000)
+    os.makedirs(dst)
+    script = (
+        'mount -t tmpfs -o size=64k tmpfs "$1" || exit 99; head -c 1M /dev/zero > "$1/filler" 2>/dev/null;'
+        ' "$2" copy --source "$3" --target "$1" --progress "$4" "*"; rc=$?; ls -A "$1" > "$5"; exit $rc'
+    )
+    r = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", dst, MOVER, src, prog, listing],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 4, r.stderr
+    assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
+    with open(listing, encoding="utf-8") as f:
+        assert f.read().split() == ["filler"]
+    doc = read_progress(prog)
+    assert doc["state"] == "failed" and doc["errors"], doc
+
+
+def test_a_closed_stderr_is_no_traceback_and_no_other_exit_code(tmp_path):
+    """The reader of stderr went away (a pipe closed early): the run completes, exit 0."""
+    src, dst, prog = str(tmp_path / "src"), str(tmp_path / "dst"), str(tmp_path / "p.json")
+    make_tree(src, n_small=50)
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)  # nobody will ever read: every write to stderr gets EPIPE
+    try:
+        proc = subprocess.run(
+            [MOVER, "copy", "--source", src, "--target", dst, "--progress", prog, "*", "nothing-*"],
+            stderr=w_fd,
+            timeout=60,
+        )
+    finally:
+        os.close(w_fd)
+    assert proc.returncode == 0
+    assert digests(dst) == digests(src) and read_progress(prog)["state"] == "completed"
+    assert any("matched nothing" in w for w in read_progress(prog)["warnings"])
+
+
+def test_sighup_cancels_like_sigterm_and_the_rerun_completes(tmp_path):
+    src, dst, prog = str(tmp_path / "src"), str(tmp_path / "dst"), str(tmp_path / "p.json")
+    make_tree(src, n_small=20, big_sizes=(32 * MB,) * 6, seed=4)
+    expected = digests(src)
+    args = ["move", "--workers", "1", "--source", src, "--target", dst, "--progress", prog, "*"]
+    proc = subprocess.Popen([MOVER, *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not any(".iosea-tmp-" in p for p in leftovers(dst)):  # in the middle of a large file
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.0005)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 129, err
+    assert "cancelled by signal 1" in err and "Traceback" not in err
+    assert read_progress(prog)["state"] == "cancelled"
+    assert [p for p in leftovers(dst) if ".iosea-tmp-" in p] == []
+    r = run_mover(*args)
+    assert r.returncode == 0, r.stderr
+    assert digests(dst) == expected
+
+
+def test_entries_named_like_the_movers_own_files_are_warned_about(tmp_path):
+    src, dst, prog = str(tmp_path / "src"), str(tmp_path / "dst"), str(tmp_path / "p.json")
+    write(os.path.join(src, "keep"), b"k")
+    write(os.path.join(src, ".iosea-mover", "notes.txt"), b"a user's own directory of that name")
+    # named as a temporary is now (run id, then worker and sequence); the old form is a user's file
+    write(os.path.join(src, "d", ".draft.iosea-tmp-0123456789abcdef-01"), b"a user's file of that name")
+    write(os.path.join(src, "d", ".old.iosea-tmp-0123abcd"), b"no longer a temporary's name")
+    r = run_mover("copy", "--source", src, "--target", dst, "--progress", prog, "*")
+    assert r.returncode == 0, r.stderr
+    assert "warning: .iosea-mover: not transferred: named like the mover's journal directory" in r.stderr
+    assert (
+        "warning: d/.draft.iosea-tmp-0123456789abcdef-01: not transferred: named like a mover's temporary"
+        in r.stderr
+    )
+    assert len(read_progress(prog)["warnings"]) == 2
+    assert os.path.exists(os.path.join(dst, "d", ".old.iosea-tmp-0123abcd"))
+
+
+def test_counters_add_up_with_refused_elements(tmp_path):
+    """A FIFO and a symlink leading out of the source are refused: each counts once, in
+    files_failed and in files_total (main counted them failed but not in the total)."""
+    src, dst, prog = str(tmp_path / "src"), str(tmp_path / "dst"), str(tmp_path / "p.json")
+    for i in range(3):
+        write(os.path.join(src, f"f{i}"), b"x" * i)
+    os.mkfifo(os.path.join(src, "fifo"))
+    os.symlink("/etc/hostname", os.path.join(src, "out-link"))
+    r = run_mover("copy", "--source", src, "--target", dst, "--progress", prog, "*")
+    assert r.returncode == 1
+    doc = read_progress(prog)
+    assert (doc["files_total"], doc["files_done"], doc["files_failed"]) == (5, 3, 2), doc
+    assert "copy failed: 3/5 files" in r.stderr and "2 failed" in r.stderr
+
+
+def test_the_record_of_an_earlier_copy_in_a_source_is_skipped_without_a_word(tmp_path):
+    """A directory that received a copy holds the mover's record: copying it on is no warning."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    write(os.path.join(str(tmp_path / "src"), "f"), b"f")
+    assert run_mover("copy", "--source", str(tmp_path / "src"), "--target", first, "*").returncode == 0
+    assert os.path.exists(os.path.join(first, ".iosea-mover", "record.jsonl"))
+    r = run_mover("copy", "--source", first, "--target", second, "*")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert digests(second) == {"f": digests(first)["f"]}
