@@ -7,7 +7,7 @@ export PATH := $(BIN):$(PATH)
 SITE ?= inventories/local
 ROLES_WITH_MOLECULE := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
 
-.PHONY: help install lint unit test test-site molecule site site-down demo bench clean
+.PHONY: help install wheel lint unit test test-site molecule site site-down demo bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -25,6 +25,20 @@ install: $(VENV)/.installed  ## create .venv with iosea-wf (editable) and every 
 	@# every command would otherwise compile each module it imports (~70 ms per iosea-wf-mover).
 	@$(BIN)/python -m compileall -q iosea_wf
 
+# The same sources give the same wheel, byte for byte (SOURCE_DATE_EPOCH): the site role reinstalls
+# iosea-wf, and restarts the service, only when the code changed. Built from a copy, so that no
+# build/ or egg-info of the checkout ever ships stale files.
+WHEEL_DIR := build/wheel
+wheel: install  ## build the iosea-wf wheel the site's Workflow Manager and users run (build/wheel)
+	@rm -rf build/wheel-src $(WHEEL_DIR) && mkdir -p build/wheel-src
+	@tar -c --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.egg-info' \
+	  --exclude=__pycache__ --exclude='./.*cache' --exclude=./.hypothesis --exclude='./.coverage*' --exclude=./.state --exclude=./.cache . \
+	  | tar -x -C build/wheel-src
+	@SOURCE_DATE_EPOCH=315532800 $(BIN)/pip wheel -q --no-deps --disable-pip-version-check \
+	  -w $(WHEEL_DIR) build/wheel-src 2>&1 | grep -v '^WARNING: Location' || true
+	@rm -rf build/wheel-src
+	@ls $(WHEEL_DIR)/iosea_wf-*.whl
+
 lint: install  ## ruff, yamllint and ansible-lint
 	$(BIN)/ruff check iosea_wf tests bench roles
 	$(BIN)/ruff format --check iosea_wf tests bench roles
@@ -34,22 +48,24 @@ lint: install  ## ruff, yamllint and ansible-lint
 unit: install  ## the tests that need neither Slurm nor NFS
 	$(BIN)/pytest -q -m 'not site' tests
 
-site: install  ## install and start the local site (munge, Slurm, nfs-ganesha) from inventories/local
-	$(BIN)/ansible-playbook -i $(SITE) playbooks/site.yml
+site: wheel  ## install and start the local site (munge, Slurm, nfs-ganesha, the Workflow Manager service)
+	$(BIN)/ansible-playbook -i $(SITE) playbooks/site.yml \
+	  -e workflow_manager_wheel=$(abspath $(wildcard $(WHEEL_DIR)/iosea_wf-*.whl))
 
 site-down: install  ## stop every daemon of the local site
 	$(BIN)/ansible-playbook -i $(SITE) playbooks/site.yml -e site_action=stop
 
-molecule: install  ## every role's Molecule scenario
-	@for role in $(ROLES_WITH_MOLECULE); do \
+molecule: wheel  ## every role's Molecule scenario
+	@export IOSEA_WF_WHEEL=$(abspath $(wildcard $(WHEEL_DIR)/iosea_wf-*.whl)); for role in $(ROLES_WITH_MOLECULE); do \
 	  echo "== molecule test: $$role"; \
 	  (cd roles/$$role && ANSIBLE_ROLES_PATH=$(abspath roles) $(BIN)/molecule test) || exit 1; \
 	done
 
 test: install lint site molecule  ## lint, bring the local site up, run the whole suite
 	@# Coverage is of the test processes only (the in-process CLI calls most tests make); the
-	@# iosea-wf processes some tests spawn, and Slurm jobs, are not measured.
-	IOSEA_WF_REQUIRE_SITE=1 $(BIN)/pytest -q --cov=iosea_wf --cov-report=term tests
+	@# iosea-wf processes some tests spawn, and Slurm jobs, are not measured. The 20 slowest tests
+	@# are listed, to keep the whole target well under 20 minutes.
+	IOSEA_WF_REQUIRE_SITE=1 $(BIN)/pytest -q --durations=20 --cov=iosea_wf --cov-report=term tests
 
 demo: install site  ## bring the local site up and run the example workflow end to end
 	bash examples/demo.sh

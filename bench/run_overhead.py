@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from installed import byte_compile  # bench/installed.py, beside this script
+from installed import byte_compile, inprocess_site  # bench/installed.py, beside this script
 
 from iosea_wf import store as st
 
@@ -144,7 +144,12 @@ def main() -> None:
             "workflow:\n  name: overhead\nsteps:\n"
             '  - name: trivial\n    command: "sbatch -o /dev/null job.sh"\n'
         )
-        env = dict(os.environ, IOSEA_WF_HOME=str(work / "state"), PATH=f"{BIN}:{os.environ['PATH']}")
+        env = dict(
+            os.environ,
+            IOSEA_WF_HOME=str(work / "state"),
+            IOSEA_WF_SITE=str(inprocess_site(work / "site")),
+            PATH=f"{BIN}:{os.environ['PATH']}",
+        )
         subprocess.run(
             [str(BIN / "iosea-wf"), "start", "WORKFLOW=wf.yaml", "SESSION=overhead"],
             cwd=work,

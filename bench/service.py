@@ -12,6 +12,7 @@ until jobs are submitted on the caller's behalf).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import statistics
 import subprocess
@@ -23,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from api_service import running_service  # noqa: E402  (tests/api_service.py)
-from installed import byte_compile  # noqa: E402  bench/installed.py, beside this script
+from installed import byte_compile, inprocess_site  # noqa: E402  bench/installed.py, beside this script
 
+from iosea_wf import slurm  # noqa: E402
 from iosea_wf import store as st  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -69,6 +71,25 @@ def timed(argv: list[str], env: dict[str, str], cwd: Path) -> float:
     return took
 
 
+def wait_for_steps(cli: str, env: dict[str, str], cwd: Path, session: str, timeout: float = 300) -> None:
+    """Wait (untimed) until every step job of ``session`` has ended and ``status`` has recorded it.
+
+    Otherwise `status` would time, now and then, the one write that records a job's end (the
+    whole store rewritten), and a service's cache being refilled after it, not a status.
+    """
+    final = slurm.TERMINAL_STATES | {"SKIPPED", "NOT_SUBMITTED"}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = subprocess.run(
+            [cli, "status", f"SESSION={session}", "--json"], env=env, cwd=cwd, capture_output=True, text=True
+        )
+        view = json.loads(done.stdout)
+        if all(i["state"] in final for i in view["steps"]):
+            return
+        time.sleep(1)
+    raise SystemExit(f"the step jobs of {session} did not end in {timeout:.0f} s")
+
+
 def fill_store(state: Path, owner: str, count: int) -> None:
     """Add ``count`` STOPPED sessions of ``owner`` to the store in ``state`` (one transaction)."""
     store = st.Store(state)
@@ -100,6 +121,9 @@ def main() -> None:
         (work / "job.sh").write_text("#!/bin/bash\ntrue\n")
         base = {k: v for k, v in os.environ.items() if k not in ("IOSEA_WF_URL", "IOSEA_WF_HOME")}
         base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"
+        # Both sides on one site: the local one minus the file naming the site's own service.
+        site = inprocess_site(tmp / "site")
+        base["IOSEA_WF_SITE"] = str(site)
         sock, served = tmp / "wm.sock", tmp / "served"
         local = {**base, "IOSEA_WF_HOME": str(tmp / "local")}
         remote = {**base, "IOSEA_WF_URL": f"unix://{sock}"}
@@ -109,7 +133,7 @@ def main() -> None:
         def add(what: str, how: str, seconds: float) -> None:
             figures.setdefault(what, {}).setdefault(how, []).append(seconds)
 
-        with running_service(sock, served):
+        with running_service(sock, served, "--site", str(site)):
             sides = {"service": remote, "in-process": local}
             # One live session each, for run and status; an untimed round warms both sides.
             for env in sides.values():
@@ -125,9 +149,13 @@ def main() -> None:
                 add("run submission", "sbatch", timed(sbatch, base, work))
             # Status last: a store of 1,000 full records makes every write of the rounds above slow
             # (TinyDB rewrites the whole file), which is not what they measure.
+            for env in sides.values():
+                wait_for_steps(cli, env, work, "live")
             fill_store(served, user, SESSIONS)
             fill_store(tmp / "local", user, SESSIONS)
             status = [cli, "status", "SESSION=live"]
+            for env in sides.values():  # untimed, as for the other figures
+                timed(status, env, work)
             for _ in range(ROUNDS):
                 for how, env in sides.items():
                     add(f"status ({SESSIONS} sessions)", how, timed(status, env, work))

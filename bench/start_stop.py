@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import ansible_runner
-from installed import byte_compile  # bench/installed.py, beside this script
+from installed import byte_compile, inprocess_site  # bench/installed.py, beside this script
 
 BIN = Path(sys.executable).parent
 ROUNDS = 3
@@ -84,6 +84,7 @@ def measure(tmp: Path, mode: str) -> None:
     env = dict(
         os.environ,
         IOSEA_WF_HOME=str(tmp / f"state-{mode}"),
+        IOSEA_WF_SITE=str(inprocess_site(tmp / f"site-{mode}")),
         PATH=f"{BIN}:{os.environ['PATH']}",
         IOSEA_WF_WARM_ANSIBLE="0" if mode == "cold" else "120",
     )

@@ -60,7 +60,9 @@ def open_allocation(
     partition = partition or site.interactive_partition
     token = uuid.uuid4().hex[:8]
     job_name = f"iosea.{record['name']}.access.{token}"
-    attached = [dict(s, mode="RW") for s in record["services"]]
+    # A read-only share (``shared_mode``, set by whoever checked the rules) mounts every service RO.
+    mode = "RO" if record.get("shared_mode") == "ro" else "RW"
+    attached = [dict(s, mode=mode) for s in record["services"]]
     env = dict(os.environ)
     env.update(jobs.service_environment(record, attached))
     inner = jobs.attach_command(
@@ -94,6 +96,7 @@ def open_allocation(
         "job_id": None,
         "state": None,
         "partition": partition,
+        "user": ctx.user,
     }
     # Recorded only if the session is still ACTIVE under the lock: a `stop` that began since
     # `manager.access` looked either refuses this access or sees it and waits for it.

@@ -14,10 +14,10 @@ command sees ``id -u`` as the user and the files it writes are the user's. In th
 namespace the command has no capability over the mounts: it cannot unmount or remount an ``RO``
 service read-write. Supplementary groups are not kept (the kernel allows no mapping for them).
 
-A mountpoint that does not exist is created; where its missing part cannot be created (e.g.
-``/mnt/x`` for a user who cannot write ``/mnt``), a tmpfs is mounted over the nearest existing
-ancestor inside the job's namespace only, and every entry the ancestor had is bound back onto
-that tmpfs, so the job still sees (and reaches, with its usual rights) what the ancestor holds.
+A mountpoint that does not exist is never created on the host (it would stay there after the
+session): a tmpfs is mounted over its nearest existing ancestor inside the job's namespace only,
+every entry the ancestor had is bound back onto that tmpfs, so the job still sees (and reaches,
+with its usual rights) what the ancestor holds, and the mountpoint is made in that tmpfs.
 Limits of that case: the ancestor itself appears as the user's tmpfs (its mode is copied, not its
 owner), entries others create in it during the job are not seen, and ``/`` is never covered. The
 user must be able to list the ancestor.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import errno
 import os
 import sys
 
@@ -134,21 +133,23 @@ def _cover_keeping_entries(ancestor: str) -> None:
 
 
 def _prepare_mountpoint(target: str) -> None:
+    """Make ``target`` a directory in the job's namespace only: nothing is created on the host.
+
+    A directory made with mkdir would outlive the job on the host (a mount namespace separates
+    mounts, not directory entries), so a missing mountpoint is made in a tmpfs that covers its
+    nearest existing ancestor, in this namespace only.
+    """
     if os.path.isdir(target):
         return
     if os.path.lexists(target):
         raise AttachError(f"{target} exists and is not a directory")
-    try:
-        os.makedirs(target)
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise AttachError(f"cannot create {target}: {exc.strerror}") from None
     ancestor = os.path.dirname(target)
     while not os.path.isdir(ancestor):
+        if os.path.lexists(ancestor):
+            raise AttachError(f"{ancestor} exists and is not a directory")
         ancestor = os.path.dirname(ancestor)
     if ancestor == "/":
-        raise AttachError(f"cannot create {target}, and / is never covered")
+        raise AttachError(f"cannot create {target}: / is never covered, and {target} would stay on the host")
     _cover_keeping_entries(ancestor)
     os.makedirs(target)
 

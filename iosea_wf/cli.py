@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import manager
-from .errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, IoseaError, UsageError
+from .errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, IoseaError, UsageError, error_body
 
 PROG = "iosea-wf"
 KEYWORDS = {"WORKFLOW": "workflow", "SESSION": "session", "STEP": "step"}
@@ -34,6 +33,17 @@ def _version() -> str:
         return version("iosea-wf")
     except PackageNotFoundError:  # run from a checkout that was never installed
         return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """--version: the installed version, looked up only when asked (importlib.metadata is slow)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"{PROG} {_version()}\n")
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
             "  iosea-wf start WORKFLOW=wdf.yaml SESSION=s1 NS1=/data/ns1 NS2=/data/ns2\n"
             "  iosea-wf status SESSION=s1\n"
             "  iosea-wf list\n"
+            "  iosea-wf share SESSION=s1 USER=bob --mode rw\n"
             "  iosea-wf stop SESSION=s1"
         ),
         epilog=EXIT_TABLE,
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show program's version number and exit")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -148,12 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Validate the WDF against the site, check the session name is free for you, then\n"
             "provision every ephemeral service on a datanode (in parallel) and record the session.\n"
-            "If a service fails, those already started are torn down and the session is FAILED.\n\n"
+            "If a service fails, those already started are torn down and the session is FAILED.\n"
+            "Each service holds a Slurm allocation on its datanode (job iosea.SESSION.svc.SERVICE,\n"
+            "the flavor's cores and memory, yours): when Slurm does not run them within seconds\n"
+            "the start is refused (exit 6), unless --wait-resources lets it wait.\n\n"
             "  iosea-wf start WORKFLOW=wdf.yaml SESSION=s1 NS1=/data/ns1 NS2=/data/ns2"
         ),
         epilog=EXIT_TABLE,
     )
     _assignments(p, workflow=True, session=True)
+    p.add_argument(
+        "--wait-resources",
+        metavar="DURATION",
+        help="wait up to DURATION (90s, 30m, 12h, 7d) for the datanodes' resources in Slurm",
+    )
 
     p = subs.add_parser(
         "stop",
@@ -240,9 +259,73 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         parents=[sub_common],
         help="a session, its services and their connection information",
-        description="Show a session and its ephemeral services with their state and connection information.",
+        description=(
+            "Show a session and its ephemeral services with their state and connection information. "
+            "Each ACTIVE service is checked to answer (LOST, with why, when its server does not); with "
+            "Slurm unreachable, jobs show their last known state and a warning goes to stderr."
+        ),
     )
     _assignments(p, session=True)
+
+    p = subs.add_parser(
+        "share",
+        parents=[sub_common],
+        formatter_class=fmt,
+        help="share a session with another user, or make a one-time token for it",
+        description=(
+            "Share one of your live sessions with another user of the site, who then names it\n"
+            "SESSION=YOU/NAME. ro (the default): `status` and `access`, with every service mounted\n"
+            "read-only whatever the WDF says. rw: also `run` (the jobs are the user's own, seeing\n"
+            "the services with the WDF's modes) and `cancel` of their own runs. Only you may stop,\n"
+            "share, unshare or cancel another user's run; `stop` waits for their jobs and accesses\n"
+            "too (`--force` ends them). Sharing grants the session, not the files: what they read\n"
+            "or write through a service is what the data's own permissions give them.\n"
+            "With --token instead of USER=, prints a one-time token (the last word of the output)\n"
+            "that whoever redeems it with `iosea-wf join TOKEN` gets the share by, until it\n"
+            "expires (--expires, default 24h); the share ends then too.\n\n"
+            "  iosea-wf share SESSION=s1 USER=bob\n"
+            "  iosea-wf share SESSION=s1 USER=bob --mode rw --expires 7d\n"
+            "  iosea-wf share SESSION=s1 --token --mode rw --expires 30m"
+        ),
+        epilog=EXIT_TABLE,
+    )
+    _assignments(p, session=True)
+    p.add_argument("-u", "--user", metavar="USER", help="the user to share with (or USER=NAME)")
+    p.add_argument("--mode", choices=["ro", "rw"], default="ro", help="what the share allows (default ro)")
+    p.add_argument("--token", action="store_true", help="make a one-time token instead of naming a user")
+    p.add_argument(
+        "--expires",
+        metavar="DURATION",
+        help="how long the share (or token) lasts: 90s, 30m, 12h, 7d (token default 24h; at most 30d)",
+    )
+
+    p = subs.add_parser(
+        "unshare",
+        parents=[sub_common],
+        formatter_class=fmt,
+        help="end another user's share of a session",
+        description=(
+            "End a user's share of one of your sessions: their new requests are refused; what\n"
+            "they already started shows in `status` and ends as Slurm ends it.\n\n"
+            "  iosea-wf unshare SESSION=s1 USER=bob"
+        ),
+    )
+    _assignments(p, session=True)
+    p.add_argument("-u", "--user", metavar="USER", help="the user whose share ends (or USER=NAME)")
+
+    p = subs.add_parser(
+        "join",
+        parents=[sub_common],
+        formatter_class=fmt,
+        help="redeem a one-time share token",
+        description=(
+            "Redeem a token made by `iosea-wf share --token` (once, before it expires): the session\n"
+            "is then shared with you, as SESSION=OWNER/NAME.\n\n"
+            "  iosea-wf join iwfs_..."
+        ),
+        epilog=EXIT_TABLE,
+    )
+    p.add_argument("token", metavar="TOKEN", help="the token")
 
     p = subs.add_parser(
         "serve",
@@ -299,7 +382,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         if not m:
             raise UsageError(f"unexpected argument {word!r}: expected KEY=VALUE (e.g. SESSION=s1)")
         key, value = m.groups()
-        if key in KEYWORDS and hasattr(args, KEYWORDS[key]):
+        if key == "USER" and hasattr(args, "user"):
+            args.user = value
+        elif key in KEYWORDS and hasattr(args, KEYWORDS[key]):
             setattr(args, KEYWORDS[key], value)
         elif key in KEYWORDS:
             raise UsageError(f"{key}= does not apply to `{args.command}`")
@@ -352,6 +437,12 @@ def _print_session(s: dict[str, Any]) -> None:
     out = _console()
     out.print(f"session  {s['session']}  (workflow {s['workflow']}, owner {s['owner']})")
     out.print(f"state    {s['state']}   started {_when(s['started_at'])}")
+    if s.get("shared_mode"):
+        out.print(f"shared   with you, {s['shared_mode']} (SESSION={s['owner']}/{s['session']})")
+    if s.get("shares"):
+        out.print("shares   " + ", ".join(_share_text(x) for x in s["shares"]))
+    if s.get("share_tokens"):
+        out.print(f"tokens   {len(s['share_tokens'])} share token(s) not yet redeemed")
     if s.get("error"):
         out.print(f"error    {s['error']}")
     if s.get("steps"):
@@ -360,7 +451,7 @@ def _print_session(s: dict[str, Any]) -> None:
             rows.append(
                 [
                     f"{i['name']}#{i['instance']}",
-                    "step",
+                    "step" if i.get("user") in (None, s["owner"]) else f"step (by {i['user']})",
                     i["state"],
                     i["job_id"],
                     i["exit_code"],
@@ -384,18 +475,38 @@ def _print_session(s: dict[str, Any]) -> None:
     if s.get("accesses"):
         _table(
             "interactive access",
-            ["job", "state", "partition", "since"],
-            [[a["job_id"], a["state"], a["partition"], _when(a["since"])] for a in s["accesses"]],
+            ["job", "state", "partition", "since", "user"],
+            [
+                [a["job_id"], a["state"], a["partition"], _when(a["since"]), a.get("user")]
+                for a in s["accesses"]
+            ],
         )
     if s["services"]:
         _table(
             "ephemeral services",
-            ["name", "type", "state", "datanode", "flavor", "mountpoint", "url"],
+            ["name", "type", "state", "datanode", "flavor", "allocation", "mountpoint", "url"],
             [
-                [v["name"], v["type"], v["state"], v["datanode"], v["flavor"], v["mountpoint"], v["url"]]
+                [
+                    v["name"],
+                    v["type"],
+                    v["state"],
+                    v["datanode"],
+                    v["flavor"],
+                    v.get("allocation"),
+                    v["mountpoint"],
+                    v["url"],
+                ]
                 for v in s["services"]
             ],
         )
+        for v in s["services"]:
+            if v["state"] == "LOST":
+                out.print(f"lost     {v['name']}: {v.get('error') or 'its server does not answer'}")
+
+
+def _share_text(share: dict[str, Any]) -> str:
+    until = f", until {_when(share['expires_at'])}" if share.get("expires_at") else ""
+    return f"{share['user']} ({share['mode']}{until})"
 
 
 def _progress_text(p: dict[str, Any] | None) -> str:
@@ -417,7 +528,9 @@ def _progress(line: str) -> None:
 # commands
 
 
-def _context(args: argparse.Namespace) -> manager.Context:
+def _context(args: argparse.Namespace):
+    from . import manager
+
     return manager.Context(site_dir=args.site, state_dir=args.state_dir, verbose=bool(args.verbose))
 
 
@@ -427,6 +540,8 @@ def _backend(args: argparse.Namespace) -> tuple[Any, Any]:
 
     url = None if args.command == "serve" else configured_url(args.site)
     if not url:
+        from . import manager
+
         return _context(args), manager
     from .api import client
 
@@ -441,7 +556,7 @@ def _backend(args: argparse.Namespace) -> tuple[Any, Any]:
     return client.ServiceContext(url, verbose=bool(args.verbose)), client
 
 
-def cmd_validate(args, ctx, ops=manager) -> int:
+def cmd_validate(args, ctx, ops) -> int:
     wf = ops.validate(ctx, args.workflow or _need("WORKFLOW"), args.variables, session=args.session)
     summary = {
         "workflow": wf.name,
@@ -465,7 +580,7 @@ def _need(key: str) -> str:
     raise UsageError(f"{key}= is mandatory")
 
 
-def cmd_show(args, ctx, ops=manager) -> int:
+def cmd_show(args, ctx, ops) -> int:
     rows = ops.show(ctx, args.what)
     if args.json:
         _print_json({args.what: rows})
@@ -486,8 +601,15 @@ def cmd_show(args, ctx, ops=manager) -> int:
     return EXIT_OK
 
 
-def cmd_start(args, ctx, ops=manager) -> int:
-    record = ops.start(ctx, args.workflow, args.session, args.variables, progress=_progress)
+def cmd_start(args, ctx, ops) -> int:
+    from .durations import parse_duration
+
+    wait = (
+        parse_duration(args.wait_resources, "--wait-resources") if args.wait_resources is not None else None
+    )
+    record = ops.start(
+        ctx, args.workflow, args.session, args.variables, progress=_progress, wait_resources=wait
+    )
     summary = ops.session_summary(record)
     if args.json:
         _print_json(summary)
@@ -496,7 +618,7 @@ def cmd_start(args, ctx, ops=manager) -> int:
     return EXIT_OK
 
 
-def cmd_stop(args, ctx, ops=manager) -> int:
+def cmd_stop(args, ctx, ops) -> int:
     record = ops.stop(ctx, args.session, force=args.force, progress=_progress)
     if args.json:
         _print_json(ops.session_summary(record))
@@ -505,7 +627,7 @@ def cmd_stop(args, ctx, ops=manager) -> int:
     return EXIT_OK
 
 
-def cmd_run(args, ctx, ops=manager) -> int:
+def cmd_run(args, ctx, ops) -> int:
     view = ops.run(ctx, args.session, args.step)
     ids = [f"step {view['job_id']}"] + [f"{m['name']} {m['job_id']}" for m in view["datamovers"]]
     if not args.wait:
@@ -518,6 +640,16 @@ def cmd_run(args, ctx, ops=manager) -> int:
     seen: dict[str, str] = {}
 
     def on_update(v: dict[str, Any]) -> None:
+        reachable = v.get("slurm_reachable", True)
+        if seen.get("slurm") != str(reachable):
+            if not reachable:
+                _progress(
+                    f"warning: {v.get('slurm_error') or 'Slurm is unreachable'}: still waiting; the "
+                    "states shown are the last known ones (Ctrl-C stops waiting, the chain stays in Slurm)"
+                )
+            elif "slurm" in seen:
+                _progress("Slurm answers again")
+            seen["slurm"] = str(reachable)
         for key, state, extra in [(f"step {v['name']}", v["state"], "")] + [
             (f"data mover {m['name']}", m["state"], _progress_text(m.get("progress")))
             for m in v["datamovers"]
@@ -527,7 +659,17 @@ def cmd_run(args, ctx, ops=manager) -> int:
                 seen[key] = line
                 _progress(line)
 
-    final = ops.follow(ctx, args.session, view["name"], view["instance"], on_update)
+    try:
+        final = ops.follow(ctx, args.session, view["name"], view["instance"], on_update)
+    except KeyboardInterrupt as exc:
+        from .errors import Interrupted
+
+        stopped = exc if isinstance(exc, Interrupted) else Interrupted()
+        stopped.note = (
+            f"stopped following step {view['name']} instance {view['instance']}: its chain keeps "
+            f"running in Slurm; follow it with `{PROG} status SESSION={args.session}`"
+        )
+        raise stopped from None
     if args.json:
         _print_json(final)
     else:
@@ -535,7 +677,7 @@ def cmd_run(args, ctx, ops=manager) -> int:
     return EXIT_OK
 
 
-def cmd_access(args, ctx, ops=manager) -> int:
+def cmd_access(args, ctx, ops) -> int:
     return ops.access(
         ctx,
         args.session,
@@ -549,7 +691,7 @@ def cmd_access(args, ctx, ops=manager) -> int:
     )
 
 
-def cmd_cancel(args, ctx, ops=manager) -> int:
+def cmd_cancel(args, ctx, ops) -> int:
     ids = ops.cancel(ctx, args.session, args.step, args.instance)
     if args.json:
         _print_json({"cancelled": ids})
@@ -560,7 +702,7 @@ def cmd_cancel(args, ctx, ops=manager) -> int:
     return EXIT_OK
 
 
-def cmd_list(args, ctx, ops=manager) -> int:
+def cmd_list(args, ctx, ops) -> int:
     rows = ops.list_sessions(ctx, include_ended=args.all)
     if args.json:
         _print_json({"sessions": rows})
@@ -569,10 +711,12 @@ def cmd_list(args, ctx, ops=manager) -> int:
     else:
         _table(
             None,
-            ["session", "workflow", "state", "started", "services"],
+            ["session", "owner", "shared", "workflow", "state", "started", "services"],
             [
                 [
-                    r["session"],
+                    f"{r['owner']}/{r['session']}" if r.get("shared_mode") else r["session"],
+                    r["owner"],
+                    r.get("shared_mode"),
                     r["workflow"],
                     r["state"],
                     _when(r["started_at"]),
@@ -584,8 +728,10 @@ def cmd_list(args, ctx, ops=manager) -> int:
     return EXIT_OK
 
 
-def cmd_status(args, ctx, ops=manager) -> int:
+def cmd_status(args, ctx, ops) -> int:
     summary = ops.status(ctx, args.session)
+    for warning in summary.get("warnings", []):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if args.json:
         _print_json(summary)
     else:
@@ -593,7 +739,61 @@ def cmd_status(args, ctx, ops=manager) -> int:
     return EXIT_OK
 
 
-def cmd_serve(args, ctx, ops=manager) -> int:
+def cmd_share(args, ctx, ops) -> int:
+    from .sharing import parse_duration
+
+    if args.token and args.user:
+        raise UsageError("share: give USER= or --token, not both")
+    if not args.token and not args.user:
+        raise UsageError("share: USER= is mandatory (or --token for a one-time token)")
+    expires_s = parse_duration(args.expires) if args.expires is not None else None
+    if args.token:
+        made = ops.share_token(ctx, args.session, args.mode, expires_s)
+        if args.json:
+            _print_json(made)
+        else:
+            # The token is the last word: `... | awk '{print $NF}'` gets it.
+            print(
+                f"session {made['session']}: one-time {made['mode']} share token, to redeem with "
+                f"`{PROG} join TOKEN` until {_when(made['expires_at'])}: {made['token']}"
+            )
+        return EXIT_OK
+    shared = ops.share(ctx, args.session, args.user, args.mode, expires_s)
+    if args.json:
+        _print_json(shared)
+    else:
+        until = f" until {_when(shared['expires_at'])}" if shared.get("expires_at") else ""
+        print(
+            f"session {shared['session']}: shared with {shared['user']} ({shared['mode']}){until}; "
+            f"they name it SESSION={shared['owner']}/{shared['session']}"
+        )
+    return EXIT_OK
+
+
+def cmd_unshare(args, ctx, ops) -> int:
+    done = ops.unshare(ctx, args.session, args.user)
+    if args.json:
+        _print_json(done)
+    elif done["was_shared"]:
+        print(f"session {done['session']}: no longer shared with {done['user']}")
+    else:
+        print(f"session {done['session']} was not shared with {done['user']}: nothing to do")
+    return EXIT_OK
+
+
+def cmd_join(args, ctx, ops) -> int:
+    joined = ops.join(ctx, args.token)
+    if args.json:
+        _print_json(joined)
+    else:
+        print(
+            f"session {joined['owner']}/{joined['session']} is shared with you ({joined['mode']}) until "
+            f"{_when(joined['expires_at'])}: name it SESSION={joined['owner']}/{joined['session']}"
+        )
+    return EXIT_OK
+
+
+def cmd_serve(args, ctx, ops) -> int:
     from .api.server import serve
     from .api.settings import DEFAULT_STATE_DIR, default_socket
 
@@ -612,24 +812,125 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "list": cmd_list,
     "status": cmd_status,
+    "share": cmd_share,
+    "unshare": cmd_unshare,
+    "join": cmd_join,
     "serve": cmd_serve,
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; return the exit code (the console script exits with it)."""
+def _wants_json(argv: list[str], args: argparse.Namespace | None) -> bool:
+    """True when --json was asked, even on a command line that did not parse (an access's command aside)."""
+    if args is not None:
+        return bool(getattr(args, "json", False))
+    return "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+
+
+def _interruptible() -> dict:
+    """SIGINT and SIGTERM raise Interrupted in the main thread, so every command cleans up and says so.
+
+    Returns the handlers it replaced (main restores them: tests call main in their own process).
+    """
+    import signal
+    import threading
+
+    from .errors import Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum, _frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, interrupt)
+    if previous:
+        previous["unraisablehook"] = sys.unraisablehook
+        sys.unraisablehook = _interrupt_again_if_lost
+    return previous
+
+
+def _interrupt_again_if_lost(unraisable) -> None:
+    """A signal that came while a finalizer ran (a ``__del__`` of Ansible's, say) is not lost.
+
+    Python ignores an exception raised in a finalizer: it prints "Exception ignored" with a
+    traceback, and the command would go on as if Ctrl-C had never been pressed. The signal is sent
+    again instead, a few milliseconds later, when the finalizer has returned.
+    """
+    import os
+    import signal
+    import threading
+
+    from .errors import Interrupted
+
+    exc = unraisable.exc_value
+    if not isinstance(exc, Interrupted):
+        sys.__unraisablehook__(unraisable)
+        return
+    ours = signal.getsignal(exc.signum)
+
+    def send_again():
+        if signal.getsignal(exc.signum) is ours:  # not once the command is over
+            os.kill(os.getpid(), exc.signum)
+
+    again = threading.Timer(0.005, send_again)
+    again.daemon = True
+    again.start()
+
+
+def _restore(previous: dict) -> None:
+    import signal
+
+    hook = previous.pop("unraisablehook", None)
+    if hook is not None:
+        sys.unraisablehook = hook
+    while previous:
+        sig, handler = previous.popitem()
+        signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None, *, restore_signals: bool | None = None) -> int:
+    """Run the CLI; return the exit code (the console script exits with it).
+
+    Without ``argv`` (the console script) SIGINT and SIGTERM are ignored once the command is
+    over and has said so: one arriving at exit never becomes a traceback. Given ``argv`` (tests
+    calling it in their process), the previous handlers are restored instead.
+    """
+    if restore_signals is None:
+        restore_signals = argv is not None
     argv = sys.argv[1:] if argv is None else argv
+    args = None
+    previous = _interruptible()
     try:
         args = parse(argv)
+        if args.command == "serve":  # the server handles its own signals (it exits 0 on SIGTERM)
+            _restore(previous)
         return COMMANDS[args.command](args, *_backend(args))
     except IoseaError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        if _wants_json(argv, args):
+            # A script reading stdout gets the error too, as the service reports it.
+            _print_json(error_body(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)
+        what = "terminated" if signum == 15 else "interrupted"
+        note = getattr(exc, "note", "") or "nothing was left half done"
+        print(f"{PROG}: {what}: {note}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED)
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    finally:
+        if restore_signals:
+            _restore(previous)
+        else:
+            import signal
+
+            previous.pop("unraisablehook", None)
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
 
 
 def console_main() -> None:

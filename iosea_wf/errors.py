@@ -19,8 +19,10 @@ EXIT_ORCHESTRATION = 7  # provisioning or tearing down a service failed
 EXIT_SLURM = 8  # Slurm refused or is unreachable
 EXIT_STORE = 9  # the state directory or its session store cannot be used
 EXIT_UNREACHABLE = 10  # the site's Workflow Manager service cannot be reached
-EXIT_UNAUTHENTICATED = 11  # the Workflow Manager service did not accept who is calling
-EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_UNAUTHENTICATED = 11  # who is calling cannot be proved (no MUNGE credential) or was not accepted
+EXIT_FORBIDDEN = 12  # a session shared with the caller, but not for this (or a share token not valid)
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM
 
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success",
@@ -34,8 +36,11 @@ EXIT_CODES: dict[int, str] = {
     EXIT_SLURM: "Slurm refused the request (e.g. sbatch rejected a job) or is unreachable",
     EXIT_STORE: "the state directory or its session store cannot be used (unwritable, corrupt)",
     EXIT_UNREACHABLE: "the site's Workflow Manager service cannot be reached",
-    EXIT_UNAUTHENTICATED: "the Workflow Manager service refused the request as unauthenticated",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_UNAUTHENTICATED: "who is calling cannot be proved (no MUNGE credential) or the service refused it",
+    EXIT_FORBIDDEN: "the session is shared with you, but not for this command (or the share token is "
+    "unknown, used or expired)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C, SIGINT); the message says what was done and what was not",
+    EXIT_TERMINATED: "terminated (SIGTERM); the message says what was done and what was not",
 }
 
 
@@ -110,6 +115,10 @@ class SlurmError(IoseaError):
     exit_code = EXIT_SLURM
 
 
+class SlurmUnreachable(SlurmError):
+    """Raised when slurmctld does not answer (down, or too slow): Slurm said nothing, so nothing is known."""
+
+
 class StoreError(IoseaError):
     """Raised when the state directory or its database cannot be used."""
 
@@ -132,3 +141,44 @@ class Unauthenticated(IoseaError):
     """Raised when no valid proof of who is calling comes with a request (or the service refused it)."""
 
     exit_code = EXIT_UNAUTHENTICATED
+
+
+class Forbidden(IoseaError):
+    """Raised when a user a session is shared with asks what their share does not allow.
+
+    A read-only share asked to run, anyone but the owner asked to stop, share or cancel another
+    user's run; also a share token that is unknown, already used or expired. A user the session
+    is not shared with at all gets :class:`SessionNotFound`: for them it does not exist.
+    """
+
+    exit_code = EXIT_FORBIDDEN
+
+
+def error_body(exc: IoseaError) -> dict:
+    """The JSON form of an error (``--json`` output, the service's answers): enough to raise it again."""
+    return {
+        "error": {
+            "type": type(exc).__name__,
+            "exit_code": exc.exit_code,
+            "message": exc.message,
+            "details": exc.details,
+        }
+    }
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised when the user interrupts a command (SIGINT or SIGTERM): not an error, so no IoseaError.
+
+    A KeyboardInterrupt, so ``except Exception`` never swallows it. Whoever catches it to clean up
+    sets ``note`` to say what was done and what was not, then re-raises it.
+    """
+
+    def __init__(self, signum: int = 2, note: str = ""):
+        super().__init__(signum)
+        self.signum = signum
+        self.note = note
+
+    @property
+    def exit_code(self) -> int:
+        """130 for SIGINT, 143 for SIGTERM (128 + the signal, the shell's convention)."""
+        return 128 + self.signum

@@ -188,28 +188,48 @@ _OVERRIDDEN_IN_SCRIPT = {"parsable", "job-name", "chdir", "partition"}
 
 
 def check_directives(directives: list[str], script: str) -> None:
-    """Refuse ``#SBATCH`` lines of the step's script that give a reserved option (UsageError)."""
+    """Refuse ``#SBATCH`` lines of the step's script that give a reserved option (UsageError).
+
+    Each line is read as sbatch reads it: long options by unambiguous prefix, short options in
+    clusters (``-QW`` is ``--quiet --wait``), a value taken from the rest of its word or the next.
+    """
     for line in directives:
         try:
             words = shlex.split(line[len("#SBATCH") :], comments=True)
         except ValueError:
             continue  # sbatch reports its own directives' syntax
-        for w in words:
+        i = 0
+        while i < len(words):
+            w = words[i]
+            i += 1
             if not w.startswith("-") or w == "-":
                 continue
             if w.startswith("--"):
+                given, eq, _ = w[2:].partition("=")
                 try:
-                    names = [_resolve(w[2:].split("=", 1)[0], line)]
+                    name = _resolve(given, line)
                 except UsageError:
                     continue  # not ours to judge: sbatch says what is wrong with it
-            else:
-                names = [SBATCH_SHORT[c] for c in w[1:2] if c in SBATCH_SHORT]
-            for name in names:
-                if name in RESERVED_OPTIONS and name not in _OVERRIDDEN_IN_SCRIPT:
-                    raise UsageError(
-                        f"the step's batch script {script} has '{line}': {w} cannot be given "
-                        f"({RESERVED_OPTIONS[name]})"
-                    )
+                _refuse_in_script(name, w, line, script)
+                if SBATCH_OPTIONS[name] == "required" and not eq:
+                    i += 1
+                continue
+            for j, letter in enumerate(w[1:], start=2):
+                if letter not in SBATCH_SHORT:
+                    break  # sbatch refuses the line itself
+                _refuse_in_script(SBATCH_SHORT[letter], w, line, script)
+                if letter in _SHORT_WITH_VALUE:
+                    if j >= len(w):  # no value left in the word: it is the next one
+                        i += 1
+                    break
+
+
+def _refuse_in_script(name: str, spelled: str, line: str, script: str) -> None:
+    if name in RESERVED_OPTIONS and name not in _OVERRIDDEN_IN_SCRIPT:
+        raise UsageError(
+            f"the step's batch script {script} has '{line}': {spelled} cannot be given "
+            f"({RESERVED_OPTIONS[name]})"
+        )
 
 
 def _gives(options: list[str], *names: str) -> bool:
@@ -321,7 +341,10 @@ def step_argv(options: list[str], *, partition: str, job_name: str, cwd: str, sc
     argv = ["sbatch", "--parsable", *options]
     if not _gives(options, "partition"):
         argv.append(f"--partition={partition}")
-    argv += [f"--job-name={job_name}", f"--chdir={cwd}", str(script)]
+    # sbatch also reads #PBS lines anywhere in a script (``#PBS -t 1-3`` makes a job array): in the
+    # generated script such a line can only come from a command's own text (a --wrap or an
+    # argument holding a newline), never from the step's script, whose directives are not copied.
+    argv += [f"--job-name={job_name}", f"--chdir={cwd}", "--ignore-pbs", str(script)]
     return argv
 
 

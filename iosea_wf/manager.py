@@ -7,7 +7,9 @@ the CLI prints. Progress is reported through an optional callback. Errors are
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
 import os
 import re
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import sharing
 from . import store as st
 from .errors import (
     IoseaError,
@@ -24,15 +27,19 @@ from .errors import (
     ResourcesUnavailable,
     SessionConflict,
     SessionNotFound,
+    SlurmUnreachable,
     UsageError,
 )
 from .identity import current_user
 from .procs import alive
+from .sessions import SESSION_NAME, check_session_name, session_summary  # noqa: F401 (the manager's API)
 from .site import Site, load_site, site_path
 
 Progress = Callable[[str], None]
 
-SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# How long a `stop --force` waits for a live `start` it took over to end its provisioning.
+STARTER_GIVE_UP_S = 30.0
+
 BUILTIN_VARIABLES = ("SESSION", "USER", "WORKFLOW", "STEP")
 
 
@@ -141,18 +148,6 @@ def show(ctx: Context, what: str) -> list[dict[str, Any]]:
 # start
 
 
-def check_session_name(name: str | None) -> str:
-    """Reject missing or unusable session names before anything is done."""
-    if not name:
-        raise UsageError("SESSION= is mandatory (e.g. SESSION=my-run)")
-    if not SESSION_NAME.match(name):
-        raise UsageError(
-            f"invalid session name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
 def _export_identity(user: str, session: str, session_id: str, service: str) -> tuple[str, int]:
     """A file-safe export key and a preferred NFS export id derived from who/what, not a counter.
 
@@ -185,12 +180,16 @@ def _service_modules(workflow, service_name: str) -> set[str]:
     return modules
 
 
-def place_services(site: Site, workflow, used_on: Callable[[str], dict[str, int]]) -> list[tuple]:
+def place_services(
+    site: Site, workflow, used_on: Callable[[str], dict[str, int]], unusable: dict[str, str] | None = None
+) -> list[tuple]:
     """(service, datanode, resources) for every service, given what each datanode already uses.
 
-    Pure: ``used_on(datanode)`` says what is allocated there; ResourcesUnavailable if one fits
-    nowhere. start calls it under the store lock; the property tests call it with nothing used.
+    Pure: ``used_on(datanode)`` says what is allocated there, ``unusable`` which datanodes take no
+    new service and why (drained or down in Slurm); ResourcesUnavailable if one fits nowhere.
+    start calls it under the store lock; the property tests call it with nothing used.
     """
+    unusable = unusable or {}
     planned: dict[str, dict[str, int]] = {}  # datanode -> extra use planned in this start
     placements = []
     for service in workflow.services.values():
@@ -204,6 +203,9 @@ def place_services(site: Site, workflow, used_on: Callable[[str], dict[str, int]
             )
         best, shortfalls = None, []
         for d in candidates:
+            if d.name in unusable:
+                shortfalls.append(f"{d.name} takes no new service: {unusable[d.name]}")
+                continue
             used = used_on(d.name)
             extra = planned.get(d.name, {"cores": 0, "memory_mb": 0, "storage_gb": 0})
             free = {
@@ -230,9 +232,11 @@ def place_services(site: Site, workflow, used_on: Callable[[str], dict[str, int]
     return placements
 
 
-def _place_services(tx: st.Transaction, site: Site, workflow, session_id: str, user: str, session: str):
+def _place_services(
+    tx: st.Transaction, site: Site, workflow, session_id: str, user: str, session: str, unusable: dict
+):
     """Choose a datanode per service and allocate its resources, all or nothing (under the lock)."""
-    placements = place_services(site, workflow, tx.used_on)
+    placements = place_services(site, workflow, tx.used_on, unusable)
     for service, datanode, need in placements:
         tx.allocate(
             {
@@ -361,10 +365,14 @@ def start(
     *,
     text: str | None = None,
     resolved: str | None = None,
+    wait_resources: float | None = None,
 ) -> dict[str, Any]:
     """Validate the WDF, record the session and provision every ephemeral service; return the session.
 
     ``text`` and ``resolved`` are the WDF as the caller read it and its absolute path there.
+    Each service holds a Slurm allocation on its datanode (iosea_wf/allocations.py): the session is
+    ACTIVE once Slurm runs them all, refused (ResourcesUnavailable) when it does not within
+    ``wait_resources`` seconds (by default allocations.PENDING_LIMIT_S).
     """
     if not workflow_path:
         raise UsageError("WORKFLOW= is mandatory (the Workflow Description File, e.g. WORKFLOW=wdf.yaml)")
@@ -373,6 +381,15 @@ def start(
     site = ctx.site
     session_id = st.new_session_id()
     now = time.time()
+    # Asked before the store's lock is taken: a datanode drained or down in Slurm gets no service.
+    unusable = {}
+    if workflow.services:
+        from . import slurm
+
+        unusable = slurm.unusable_nodes(sorted(site.datanodes))
+        # The services' allocations are the caller's jobs: refused before anything is written
+        # when root acts for a user without their token.
+        slurm.acting_for(ctx.user, ctx.slurm_jwt)
 
     with ctx.store.transaction() as tx:
         existing = tx.session(ctx.user, name, live_only=True)
@@ -390,7 +407,7 @@ def start(
                         "is already served "
                         f"by session {other['name']!r} of {other['owner']} (service {svc['name']})"
                     )
-        placements = _place_services(tx, site, workflow, session_id, ctx.user, name)
+        placements = _place_services(tx, site, workflow, session_id, ctx.user, name, unusable)
         record = session_record(
             site, workflow, resolved or workflow_path, ctx.user, name, session_id, placements, now
         )
@@ -398,7 +415,12 @@ def start(
 
     if not record["services"]:
         progress(f"session {name}: no ephemeral service to start")
-        return ctx.store.update_session(session_id, state=st.ACTIVE, pid=None, resources_left=False)
+        try:
+            return ctx.store.update_session(
+                session_id, expect=(st.STARTING,), state=st.ACTIVE, pid=None, resources_left=False
+            )
+        except st.StateChanged as exc:
+            raise _taken_over(exc.record) from None
 
     progress(f"session {name}: starting {len(record['services'])} service(s)")
     ready: dict[str, dict[str, Any]] = {}
@@ -412,39 +434,224 @@ def start(
         else:
             progress(f"  {host}: {kind}: {data.get('msg')}")
 
+    def still_starting() -> bool:
+        # A `stop --force` took the session over: its teardown must not race this provisioning.
+        with ctx.store.transaction(shared=True) as tx:
+            current = tx.sessions.get(st.Query().id == session_id)
+        return current is not None and current["state"] == st.STARTING
+
     ident = f"{name}-start-{int(now)}-{session_id[:6]}"
-    ctx.store.update_session(session_id, start_run=ident)
+    from . import allocations
+
     try:
-        result = _run_services(ctx, record, "start", ident, on_event)
-    except BaseException:
-        # Interrupted: tear down what may exist, then re-raise (Ctrl-C, or an orchestration crash).
-        _teardown(ctx, ctx.store.update_session(session_id, state=st.STOPPING), progress, final=st.FAILED)
+        ctx.store.update_session(session_id, start_run=ident)
+        # Submitted first: Slurm schedules them while the exports are provisioned.
+        since = allocations.hold(ctx, record, progress)
+        result = _run_services(ctx, record, "start", ident, on_event, keep_going=still_starting)
+        if result.ok:
+            allocations.wait_running(ctx, record, since, wait_resources, progress, still_starting)
+    except BaseException as exc:
+        # Interrupted (Ctrl-C, SIGTERM), refused by Slurm or an orchestration crash: roll back what may exist.
+        if isinstance(exc, IoseaError):
+            ctx.store.update_session(session_id, error=exc.message)
+        _roll_back(ctx, session_id, progress, exc)
         raise
+    from .errors import Interrupted
+
+    try:
+        return _finish_start(ctx, record, result, ready, progress, still_starting)
+    except Interrupted as exc:
+        if not exc.note:
+            _roll_back(ctx, session_id, progress, exc)
+        raise
+
+
+def _finish_start(ctx: Context, record, result, ready, progress: Progress, still_starting) -> dict[str, Any]:
+    """Record the outcome of a start's playbook: ACTIVE, or FAILED after a rollback."""
+    from .procs import deferred_interrupts
+
+    session_id, name = record["id"], record["name"]
+    if not still_starting():
+        ctx.store.update_session(session_id, pid=None)
+        raise _taken_over(_session_by_id(ctx, session_id))
     failed = {h: o.message for h, o in result.hosts.items() if not o.ok}
     for svc in record["services"]:
         if svc["name"] not in ready and svc["name"] not in failed:
             failed[svc["name"]] = "did not report ready"
-    if failed:
-        for svc_name, msg in failed.items():
-            if svc_name in {s["name"] for s in record["services"]}:
-                ctx.store.update_service(session_id, svc_name, state="FAILED", error=msg)
-        error = "; ".join(f"service {n}: {m}" for n, m in failed.items())
-        progress(f"session {name}: rolling back")
-        record = ctx.store.update_session(session_id, state=st.STOPPING, error=error, runs=[result.artifacts])
-        _teardown(ctx, record, progress, final=st.FAILED)
-        raise OrchestrationError(
-            f"session {name} failed to start; everything it started was torn down",
-            details=[f"service {n}: {m}" for n, m in failed.items()],
+    try:
+        if failed:
+            for svc_name, msg in failed.items():
+                if svc_name in {s["name"] for s in record["services"]}:
+                    ctx.store.update_service(
+                        session_id, svc_name, expect=(st.STARTING,), state="FAILED", error=msg
+                    )
+            error = "; ".join(f"service {n}: {m}" for n, m in failed.items())
+            progress(f"session {name}: rolling back")
+            record = ctx.store.update_session(
+                session_id, expect=(st.STARTING,), state=st.STOPPING, error=error, runs=[result.artifacts]
+            )
+            _teardown(ctx, record, progress, final=st.FAILED)
+            raise OrchestrationError(
+                f"session {name} failed to start; everything it started was torn down",
+                details=[f"service {n}: {m}" for n, m in failed.items()],
+            )
+        try:
+            # One write, whole: an interrupt now takes effect once the session is ACTIVE.
+            with deferred_interrupts():
+                return _activate(ctx, session_id, ready, result.artifacts)
+        except KeyboardInterrupt as exc:
+            exc.note = f"session {name} had started before the interrupt: it is ACTIVE"  # type: ignore[attr-defined]
+            raise
+    except st.StateChanged as exc:
+        # A `stop --force` came between the playbook's end and these writes: it tears down.
+        ctx.store.update_session(session_id, pid=None)
+        raise _taken_over(exc.record) from None
+
+
+def _activate(ctx: Context, session_id: str, ready: dict[str, Any], artifacts: str) -> dict[str, Any]:
+    """Services ready, session ACTIVE, in one transaction that finds it still STARTING."""
+    with ctx.store.transaction() as tx:
+        found = tx.sessions.get(st.Query().id == session_id)
+        if found is None or found["state"] != st.STARTING:
+            raise st.StateChanged(dict(found or {"name": session_id, "state": "gone"}))
+        current = json.loads(json.dumps(found))
+        for svc in current["services"]:
+            info = ready.get(svc["name"])
+            if info is not None:
+                svc["state"] = "ACTIVE"
+                if isinstance(info, dict) and info.get("export_id"):
+                    svc["export_id"] = info["export_id"]
+        current.update(state=st.ACTIVE, pid=None, runs=[artifacts], updated_at=time.time())
+        tx.put_session(current)
+    return current
+
+
+def _taken_over(record: dict[str, Any]) -> SessionConflict:
+    """The error of a `start` whose session another command (`stop --force`) took over."""
+    return SessionConflict(
+        f"session {record['name']!r} was stopped by another command while it started "
+        f"(now {record['state']}): it never became ACTIVE"
+    )
+
+
+def _roll_back(ctx: Context, session_id: str, progress: Progress, exc: BaseException) -> None:
+    """Tear down what an interrupted `start` may have provisioned, unless a `stop` took over.
+
+    Sets ``exc.note`` (an Interrupted) to what was done. A second interrupt during the rollback
+    leaves the session FAILED with its resources recorded: `iosea-wf stop` finishes it.
+    """
+    from .errors import Interrupted
+
+    # Interrupted at the terminal, the command must end within 2 s, and a teardown with exports
+    # takes longer: it goes on in a child of its own session, which a second Ctrl-C never reaches.
+    child = _detach() if isinstance(exc, Interrupted) else None
+    if child is _CHILD:
+        # The parent recorded this process as the stopper: tear down, then end here, whatever
+        # happens (a failed or interrupted teardown leaves the session FAILED for `stop`).
+        try:
+            _teardown(ctx, _session_by_id(ctx, session_id), _quiet, final=st.FAILED)
+        finally:
+            os._exit(0)
+    written = False
+    try:
+        record = ctx.store.update_session(
+            session_id,
+            expect=(st.STARTING,),
+            state=st.STOPPING,
+            pid=None,
+            stopper={"pid": child.pid if child else os.getpid(), "host": os.uname().nodename},
         )
-    for svc_name, info in ready.items():
-        changes = {"state": "ACTIVE"}
-        if isinstance(info, dict) and info.get("export_id"):
-            changes["export_id"] = info["export_id"]
-        ctx.store.update_service(session_id, svc_name, **changes)
-    return ctx.store.update_session(session_id, state=st.ACTIVE, pid=None, runs=[result.artifacts])
+        written = True
+    except st.StateChanged as changed:
+        ctx.store.update_session(session_id, pid=None)
+        if isinstance(exc, Interrupted) and changed.record["state"] == st.STOPPING:
+            exc.note = f"session {changed.record['name']} did not start: another command is stopping it"
+        return
+    finally:
+        if child:
+            child.go(record_written=written)
+    name = record["name"]
+    if child:
+        exc.note = (  # type: ignore[attr-defined]
+            f"session {name} did not start: process {child.pid} tears down what it had started "
+            f"(`iosea-wf status SESSION={name}` shows it; `stop` finishes it should that process die)"
+        )
+        return
+    try:
+        _teardown(ctx, record, progress, final=st.FAILED)
+    except BaseException as again:
+        ctx.store.update_session(
+            session_id, state=st.FAILED, pid=None, resources_left=True, error="start interrupted"
+        )
+        cut = "was interrupted" if isinstance(again, Interrupted) else f"failed ({again})"
+        note = (
+            f"session {name} did not start; its rollback {cut}: "
+            f"`iosea-wf stop SESSION={name}` removes what is left"
+        )
+        if isinstance(again, Interrupted):
+            again.note = note
+            raise
+        if isinstance(exc, Interrupted):
+            # The user's interrupt stays what is reported (exit 130/143), with what is left.
+            exc.note = note
+            return
+        raise
+    if isinstance(exc, Interrupted):
+        exc.note = f"session {name} did not start: everything it had started was torn down (FAILED)"
 
 
-def _run_services(ctx: Context, session: dict[str, Any], action: str, ident: str, on_event=None):
+class _Detached:
+    """The parent's handle on a forked child that waits for its go (see :func:`_detach`)."""
+
+    def __init__(self, pid: int, write_fd: int):
+        self.pid = pid
+        self._fd = write_fd
+
+    def go(self, record_written: bool) -> None:
+        """Let the child run on (it owns the rollback now), or end it."""
+        with contextlib.suppress(OSError):
+            if record_written:
+                os.write(self._fd, b"go")
+            os.close(self._fd)
+
+
+def _detach() -> _Detached | None:
+    """Fork; the parent gets a handle, the child :data:`_CHILD` once the parent said go.
+
+    The child leaves the terminal's session (setsid), ignores SIGINT, writes nothing to the
+    terminal and exits when its caller returns to the CLI (os._exit: none of the parent's exit
+    work runs twice). Where fork is unavailable or not wanted (a service thread), None in place.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(read_fd)
+        return _Detached(pid, write_fd)
+    os.close(write_fd)
+    try:
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        if os.read(read_fd, 2) != b"go":
+            os._exit(0)
+    except BaseException:
+        os._exit(1)
+    return _CHILD
+
+
+_CHILD = _Detached(0, -1)  # what _detach returns in the child
+
+
+def _run_services(
+    ctx: Context, session: dict[str, Any], action: str, ident: str, on_event=None, keep_going=None
+):
     from .orchestrator import run_playbook
 
     return run_playbook(
@@ -455,19 +662,60 @@ def _run_services(ctx: Context, session: dict[str, Any], action: str, ident: str
         extravars={"iosea_action": action, "iosea_services": _orchestrator_services(session)},
         on_event=on_event,
         verbose=ctx.verbose,
+        keep_going=keep_going,
     )
 
 
-def _teardown(ctx: Context, session: dict[str, Any], progress: Progress, *, final: str) -> dict[str, Any]:
-    """Remove every service of a session (idempotent), release allocations, record ``final``."""
+def _teardown(
+    ctx: Context, session: dict[str, Any], progress: Progress, *, final: str, untouched_raises: bool = False
+) -> dict[str, Any]:
+    """Remove every service of a session (idempotent), release allocations, record ``final``.
+
+    ``untouched_raises``: cut before any service was touched, raise and record nothing (the
+    caller gives the session back as it was).
+    """
     sid = session["id"]
-    if session["services"]:
-        ident = f"{session['name']}-stop-{int(time.time())}-{sid[:6]}"
-        result = _run_services(ctx, session, "stop", ident)
-        failed = {h: o.message for h, o in result.hosts.items() if not o.ok}
-    else:
-        failed = {}
-    with ctx.store.transaction() as tx:
+    begun = None
+    try:
+        failed: dict[str, str] = {}
+        if session["services"]:
+            ident = f"{session['name']}-stop-{int(time.time())}-{sid[:6]}"
+            begun = time.time()
+            # From here on an export may be gone: no service is shown ACTIVE until the end is known.
+            with ctx.store.transaction() as tx:
+                current = dict(tx.sessions.get(st.Query().id == sid))
+                current["services"] = [
+                    {**v, "state": "STOPPING"} if v["state"] not in ("FAILED", "STOPPED") else v
+                    for v in current["services"]
+                ]
+                current["teardown_started"] = begun
+                tx.put_session(current)
+            result = _run_services(ctx, session, "stop", ident)
+            failed = {h: o.message for h, o in result.hosts.items() if not o.ok}
+        # Cut here, the services are gone but their allocations may not be: FAILED as well.
+        cancelled, alloc_error = _release_allocations(ctx, sid, failed)
+    except BaseException as exc:
+        if untouched_raises and (begun is None or _session_by_id(ctx, sid).get("teardown_started") != begun):
+            raise
+        # Interrupted (or crashed) half-way: a state the next `stop` finishes, never a live one.
+        ctx.store.update_session(
+            sid,
+            state=st.FAILED,
+            pid=None,
+            stopper=None,
+            resources_left=True,
+            error="interrupted while its services were torn down: run `iosea-wf stop` again",
+        )
+        if hasattr(exc, "note"):
+            exc.note = (
+                f"session {session['name']}: its teardown was cut short (FAILED, some services "
+                f"may remain): `iosea-wf stop SESSION={session['name']}` finishes it"
+            )
+        raise
+    from .procs import deferred_interrupts
+
+    # The outcome is written whole: an interrupt now takes effect once it is recorded.
+    with deferred_interrupts(), ctx.store.transaction() as tx:
         record = tx.sessions.get(st.Query().id == sid)
         record = dict(record)
         services = []
@@ -479,11 +727,16 @@ def _teardown(ctx: Context, session: dict[str, Any], progress: Progress, *, fina
                 svc["state"] = "STOPPED" if svc["state"] != "FAILED" else "FAILED"
                 tx.release(sid, svc["name"])
                 progress(f"  {svc['name']}: removed")
+            if svc.get("allocation") in cancelled:
+                svc["allocation_state"] = "CANCELLED"
             services.append(svc)
         record["services"] = services
-        record["resources_left"] = bool(failed)
-        record["state"] = final if not failed else st.FAILED
+        record["resources_left"] = bool(failed) or bool(alloc_error)
+        if alloc_error:
+            record["error"] = alloc_error
+        record["state"] = final if not failed and not alloc_error else st.FAILED
         record["pid"] = None
+        record["stopper"] = None
         record["updated_at"] = time.time()
         record["ended_at"] = time.time()
         tx.put_session(record)
@@ -495,18 +748,62 @@ def _teardown(ctx: Context, session: dict[str, Any], progress: Progress, *, fina
     return record
 
 
+def _release_allocations(ctx: Context, sid: str, failed: dict[str, str]) -> tuple[list[str], str | None]:
+    """Cancel the Slurm allocations of the services torn down; (their ids, why some could not be)."""
+    from . import allocations
+    from .errors import SlurmError
+
+    if "(playbook)" in failed:
+        return [], None
+    current = _session_by_id(ctx, sid)
+    removed = {s["name"] for s in current["services"] if s["name"] not in failed}
+    try:
+        return allocations.release(ctx, current, removed), None
+    except SlurmError as exc:
+        return [], (
+            f"its Slurm allocation(s) could not be cancelled ({exc.message}): "
+            f"`iosea-wf stop SESSION={current['name']} --force` cancels them"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # stop / list / status
 
 
-def find_session(ctx: Context, name: str | None) -> dict[str, Any]:
-    """The user's newest session of that name, or SessionNotFound."""
-    name = check_session_name(name)
+def find_session(
+    ctx: Context, name: str | None, need: str = sharing.OWNER, what: str = "use"
+) -> dict[str, Any]:
+    """The newest session ``name`` (``NAME`` or ``OWNER/NAME``) names for the caller, if they may ``what`` it.
+
+    ``need``: what the command asks of a session another user shares (sharing.READ, RUN or
+    OWNER). Not shared with the caller: SessionNotFound; shared, but not for this: Forbidden.
+    """
     with ctx.store.transaction(shared=True) as tx:
-        record = tx.session(ctx.user, name)
-    if record is None:
-        raise SessionNotFound(f"user {ctx.user} has no session named {name!r} (see `iosea-wf list --all`)")
-    return record
+        record = sharing.resolve(tx, ctx.user, name, need, what)
+    return _revive(ctx, record)
+
+
+def _revive(ctx: Context, record: dict[str, Any]) -> dict[str, Any]:
+    """A session whose `stop` died while it only waited (nothing torn down) is ACTIVE again."""
+    from .sessions import dead_driver
+
+    def dead_waiter(r: dict[str, Any]) -> bool:
+        return (
+            r["state"] == st.STOPPING
+            and r.get("stop_from") == st.ACTIVE
+            and not r.get("teardown_started")
+            and dead_driver(r) is not None
+        )
+
+    if not dead_waiter(record):
+        return record
+    with ctx.store.transaction() as tx:
+        # Checked again under the lock: another `stop` may have taken the session meanwhile.
+        current = dict(tx.sessions.get(st.Query().id == record["id"]))
+        if dead_waiter(current):
+            current.update(state=st.ACTIVE, stopper=None, updated_at=time.time())
+            tx.put_session(current)
+    return current
 
 
 def stop(
@@ -517,10 +814,13 @@ def stop(
     progress: Progress = _quiet,
     poll: float = 1.0,
 ) -> dict[str, Any]:
-    """Wait for the session's jobs (or cancel them with ``force``), then tear every service down."""
-    from . import slurm, steps
+    """Wait for the session's jobs (or cancel them with ``force``), then tear every service down.
 
-    name = check_session_name(session)
+    With ``force``, a session that already ended still has its leftover jobs cancelled.
+    """
+    owner, name = sharing.split_ref(session)
+    if owner not in (None, ctx.user):
+        sharing.owned(ctx, session, "stop")  # another's session: refused (exit 4, or 12 if shared)
     with ctx.store.transaction() as tx:
         # Checked and marked STOPPING in one transaction: a `run` after this is refused.
         record = tx.session(ctx.user, name)
@@ -530,7 +830,8 @@ def stop(
             )
         record = dict(record)
         state = record["state"]
-        if state == st.STOPPED or (state == st.FAILED and not record.get("resources_left")):
+        ended = state == st.STOPPED or (state == st.FAILED and not record.get("resources_left"))
+        if ended and not force:
             raise SessionConflict(f"session {record['name']!r} is already {state}: nothing to stop")
         same_host = record.get("host") == os.uname().nodename
         if state == st.STARTING and same_host and alive(record.get("pid")) and not force:
@@ -538,38 +839,159 @@ def stop(
                 f"session {record['name']!r} is still starting (process {record['pid']}); "
                 "wait for it, or use --force to tear it down anyway"
             )
-        record["state"] = st.STOPPING
-        record["updated_at"] = time.time()
-        tx.put_session(record)
-    if state == st.STARTING and record.get("start_run"):
-        from .orchestrator import end_orphaned_run
+        starter_alive = state == st.STARTING and same_host and alive(record.get("pid"))
+        if not ended:
+            _mark_stopping(record, state)
+            tx.put_session(record)
+    if ended:
+        # Nothing to tear down; but a job a `run` racing the stop left behind still goes.
+        gone = _cancel_leftovers(ctx, record, progress)
+        if not gone:
+            raise SessionConflict(f"session {record['name']!r} is already {state}: nothing to stop")
+        return _session_by_id(ctx, record["id"])
+    tearing_down = False  # until then an interrupted stop gives the session back untouched
+    try:
+        if starter_alive:
+            _wait_for_starter(ctx, record, progress, poll)
+        if state == st.STARTING and record.get("start_run"):
+            from .orchestrator import end_orphaned_run
 
-        if end_orphaned_run(ctx.store.state_dir, record["start_run"]):
-            progress(f"session {record['name']}: ended the provisioning its dead start left running")
-    said, cancelled = None, set()
+            if end_orphaned_run(ctx.store.state_dir, record["start_run"]):
+                progress(f"session {record['name']}: ended the provisioning its dead start left running")
+        record, cancelled = _wait_for_jobs(ctx, record, force, progress, poll)
+        progress(f"session {record['name']}: stopping {len(record['services'])} service(s)")
+        record = ctx.store.update_session(record["id"], state=st.STOPPING)
+        tearing_down = True
+        return _teardown(ctx, record, progress, final=st.STOPPED, untouched_raises=True)
+    except BaseException as exc:
+        from .errors import Interrupted
+
+        # Cut before its teardown marked a single service (the window is a few ms): untouched too.
+        if not tearing_down or _session_by_id(ctx, record["id"]).get("teardown_started") == record.get(
+            "teardown_started"
+        ):
+            _give_back(ctx, record, exc)
+        elif isinstance(exc, Interrupted) and not exc.note:
+            exc.note = f"session {record['name']}: `iosea-wf stop SESSION={record['name']}` finishes it"
+        raise
+
+
+def _mark_stopping(record: dict[str, Any], state: str) -> None:
+    """Make ``record`` STOPPING by this process, remembering what an interrupted wait gives back."""
+    if state != st.STOPPING:
+        record["stop_from"] = state
+    record["state"] = st.STOPPING
+    record["stopper"] = {"pid": os.getpid(), "host": os.uname().nodename}
+    record["updated_at"] = time.time()
+
+
+def _cancel_leftovers(ctx: Context, record: dict[str, Any], progress: Progress) -> list[str]:
+    """Cancel the unfinished jobs of an ended session, recorded or not; return their ids."""
+    from . import allocations, slurm, steps
+
+    record = steps.refresh(ctx, record)
+    ids = steps.active_jobs(record) + allocations.unended(record)
+    if ids:
+        # A shared user's run racing the stop may be among them: theirs, not the owner's, in Slurm.
+        steps.cancel_jobs(ctx, record, ids, slurm.acting_for(ctx.user, ctx.slurm_jwt))
+    ids += steps.cancel_unrecorded(ctx, record)
+    if ids:
+        progress(f"session {record['name']}: cancelled job(s) {' '.join(ids)} left after it ended")
+    return ids
+
+
+def _wait_for_starter(ctx: Context, record: dict[str, Any], progress: Progress, poll: float) -> None:
+    """Wait until a live `start` this stop took over lets go (it ends its provisioning on seeing STOPPING)."""
+    progress(f"session {record['name']}: waiting for its start (process {record['pid']}) to give way")
+    # It ends its playbook within about a second of seeing STOPPING; a start stuck elsewhere (or
+    # a service whose start thread died) must not keep the stop waiting forever.
+    deadline = time.monotonic() + STARTER_GIVE_UP_S
+    while time.monotonic() < deadline:
+        current = _session_by_id(ctx, record["id"])
+        if not current.get("pid") or not alive(current["pid"]):
+            return
+        time.sleep(min(poll, 0.2))
+    progress(f"session {record['name']}: its start did not give way in {STARTER_GIVE_UP_S:.0f}s: going on")
+
+
+def _wait_for_jobs(
+    ctx: Context, record: dict[str, Any], force: bool, progress: Progress, poll: float
+) -> tuple[dict[str, Any], set[str]]:
+    """Wait for the session's jobs to end (cancelling them with ``force``); return (record, cancelled)."""
+    from . import slurm, steps
+
+    said, cancelled, sid = None, set(), record["id"]
+    # Jobs just cancelled (or about to end) leave Slurm within a second: look again soon at first,
+    # then every ``poll`` seconds, so a long wait costs slurmctld one call a second.
+    pause = 0.1
     while True:
         # Re-read each time: an access records its job id from its own process, a `run` in
         # flight its job ids from its own.
-        record = steps.refresh(ctx, _session_by_id(ctx, record["id"]))
+        record = _unless_unreachable(
+            record, lambda: steps.refresh(ctx, _session_by_id(ctx, sid), strict=True)
+        )
         if steps.end_abandoned(ctx, record):
             continue
         active = steps.active_jobs(record)
         if force and set(active) - cancelled:
             ids = sorted(set(active) - cancelled)
             progress(f"session {record['name']}: cancelling {len(ids)} job(s): {' '.join(ids)}")
-            slurm.cancel(ids)
+            # The owner's jobs with the owner's token; a shared user's (not the owner's in Slurm)
+            # by this process, on the owner's word (steps.cancel_jobs).
+            who = slurm.acting_for(ctx.user, ctx.slurm_jwt)
+            _unless_unreachable(
+                record, lambda ids=ids, who=who, r=record: steps.cancel_jobs(ctx, r, ids, who)
+            )
             cancelled.update(ids)
         waiting = active + [f"access (pid {a['pid']})" for a in steps.starting_accesses(record)]
         waiting += [f"submission of {i['name']}#{i['instance']}" for i in steps.submitting(record)]
         if not waiting:
+            # Jobs of this session that no record holds (a `run` cut short before it could record
+            # them): nobody follows them, so even a stop without --force ends them.
+            strays = steps.cancel_unrecorded(ctx, record)
+            if strays:
+                progress(f"session {record['name']}: cancelled unrecorded job(s) {' '.join(strays)}")
+                continue
             break
         if said != waiting:
             progress(f"session {record['name']}: waiting for job(s) {' '.join(waiting)} to end")
             said = waiting
-        time.sleep(poll)
-    progress(f"session {record['name']}: stopping {len(record['services'])} service(s)")
-    record = ctx.store.update_session(record["id"], state=st.STOPPING)
-    return _teardown(ctx, record, progress, final=st.STOPPED)
+        time.sleep(min(pause, poll))
+        pause *= 2
+    return record, cancelled
+
+
+def _give_back(ctx: Context, record: dict[str, Any], exc: BaseException) -> None:
+    """A stop interrupted before any teardown: the session goes back to the state it was stopped from."""
+    from .errors import Interrupted
+
+    back = record.get("stop_from") or st.ACTIVE
+    changes: dict[str, Any] = {"state": back, "stopper": None}
+    if back != st.ACTIVE:
+        changes.update(state=st.FAILED, resources_left=True, pid=None)
+    try:
+        ctx.store.update_session(record["id"], expect=(st.STOPPING,), **changes)
+    except st.StateChanged:
+        return
+    if isinstance(exc, Interrupted):
+        exc.note = (
+            f"session {record['name']} was not stopped: nothing was torn down (it is {changes['state']})"
+        )
+
+
+def _unless_unreachable(record: dict[str, Any], call: Callable[[], Any]) -> Any:
+    """``call()`` of a stop; with Slurm unreachable, stop exits 8 saying nothing was stopped.
+
+    Its jobs can then be neither waited for nor cancelled, so nothing is torn down; the stop's
+    handler gives the session back the state this stop found it in (``_give_back``).
+    """
+    try:
+        return call()
+    except SlurmUnreachable as exc:
+        raise SlurmUnreachable(
+            f"session {record['name']}: {exc.message}; its jobs can be neither waited for nor cancelled, "
+            "so nothing was stopped: run `iosea-wf stop` again once Slurm answers"
+        ) from None
 
 
 def _session_by_id(ctx: Context, session_id: str) -> dict[str, Any]:
@@ -586,48 +1008,45 @@ def list_sessions(ctx: Context, *, include_ended: bool = False) -> list[dict[str
     for s in ctx.store.sessions_of(ctx.user):
         if not include_ended and s["state"] not in st.LIVE_STATES and not s.get("resources_left"):
             continue
-        rows.append(session_summary(s))
+        rows.append({**session_summary(s), "shared_mode": None})
+    for s, share in sharing.shared_with(ctx, include_ended=include_ended):
+        rows.append({**session_summary(s), "shared_mode": share["mode"]})
     return rows
 
 
-def session_summary(record: dict[str, Any]) -> dict[str, Any]:
-    """The public view of a session (what `status --json` and `list --json` print)."""
-    return {
-        "session": record["name"],
-        "workflow": record["workflow"],
-        "owner": record["owner"],
-        "state": record["state"],
-        "started_at": record["created_at"],
-        "ended_at": record.get("ended_at"),
-        "error": record.get("error"),
-        "services": [
-            {
-                "name": s["name"],
-                "type": s["type"],
-                "state": s["state"],
-                "datanode": s["datanode"],
-                "url": s["url"],
-                "mountpoint": s["mountpoint"],
-                "namespace": s["namespace"],
-                "flavor": s["flavor"],
-                "export_id": s.get("export_id"),
-                "error": s.get("error"),
-            }
-            for s in record["services"]
-        ],
-    }
-
-
 def status(ctx: Context, session: str | None) -> dict[str, Any]:
-    """The session, its services, its step instances and data movers with states from Slurm."""
-    from . import steps
+    """The session, its services, its step instances and data movers with states from Slurm.
 
-    record = find_session(ctx, session)
+    Honest states: an ACTIVE service whose server does not answer is shown LOST, with why (one
+    bounded probe per server); with Slurm unreachable, unfinished jobs keep their last known state,
+    ``slurm_reachable`` is False and ``warnings`` says so.
+    """
+    from . import allocations, service_types, steps
+
+    record = find_session(ctx, session, sharing.READ, "see")
+    warnings, reachable = [], True
+    if allocations.watched(record):
+        # A service whose Slurm allocation ended is torn down and shown LOST, with why.
+        with contextlib.suppress(SlurmUnreachable):
+            record = allocations.reap(ctx, record)
     if steps.active_jobs(record):
-        record = steps.refresh(ctx, record)
+        try:
+            record = steps.refresh(ctx, record, strict=True)
+        except SlurmUnreachable as exc:
+            reachable = False
+            warnings.append(f"{exc.message}: the states of unfinished jobs are the last known ones")
     summary = session_summary(record)
+    summary["slurm_reachable"] = reachable
+    summary["warnings"] = warnings
+    lost = service_types.lost([s for s in record["services"] if s["state"] == "ACTIVE"])
+    for svc in summary["services"]:
+        if svc["name"] in lost:
+            svc.update(state="LOST", error=lost[svc["name"]])
     # The id tells apart sessions of a reused name (it is part of their tier directories).
     summary["id"] = record["id"]
+    summary["shared_mode"] = sharing.mode_for(record, ctx.user)
+    if record["owner"] == ctx.user:
+        summary.update(sharing.shares_view(record))
     summary["steps"] = [steps.view(i) for i in record.get("steps", [])]
     summary["accesses"] = [
         {
@@ -635,6 +1054,7 @@ def status(ctx: Context, session: str | None) -> dict[str, Any]:
             "since": a["since"],
             "partition": a.get("partition"),
             "state": a.get("state") or a.get("live_state") or ("ENDED" if a.get("ended_at") else "STARTING"),
+            "user": a.get("user") or record["owner"],
         }
         for a in record.get("accesses", [])
         if not a.get("ended_at") or steps.active_jobs({"accesses": [a]})
@@ -647,7 +1067,7 @@ def run(ctx: Context, session: str | None, step: str | None, cwd: str | None = N
     from . import steps
 
     step = steps.check_step_name(step)
-    record = find_session(ctx, session)
+    record = find_session(ctx, session, sharing.RUN, "run a step of")
     if record["state"] != st.ACTIVE:
         raise SessionConflict(
             f"session {record['name']!r} is {record['state']}, not ACTIVE: cannot run a step"
@@ -661,9 +1081,10 @@ def cancel(
     """Cancel what `run` started and has not finished (one step's instance, or the whole session)."""
     from . import steps
 
-    record = find_session(ctx, session)
-    if record["state"] not in (st.ACTIVE, st.STOPPING):
-        raise SessionConflict(f"session {record['name']!r} is {record['state']}: nothing runs in it")
+    if step is not None:
+        steps.check_step_name(step)
+    # In any state: a `run` racing a `stop` may have left a job running in an ended session.
+    record = find_session(ctx, session, sharing.RUN, "cancel runs of")
     return steps.cancel(ctx, record, step, instance)
 
 
@@ -682,9 +1103,14 @@ def access(
     """Open an interactive Slurm allocation with every service attached; return the command's exit code."""
     from . import access as interactive
 
-    record = find_session(ctx, session)
+    record = find_session(ctx, session, sharing.READ, "access")
     if record["state"] != st.ACTIVE:
         raise SessionConflict(f"session {record['name']!r} is {record['state']}, not ACTIVE: no access")
+    from .steps import require_active_services
+
+    require_active_services(record, record["services"], "open an access")
+    # A read-only share mounts every service read-only, whatever the WDF says.
+    record = dict(record, shared_mode=sharing.mode_for(record, ctx.user))
     return interactive.open_allocation(
         ctx,
         record,
@@ -719,9 +1145,14 @@ def follow(
 
     slow_after = time.monotonic() + fast_for
     while True:
-        record = steps.refresh(ctx, find_session(ctx, session))
+        record, unreachable = find_session(ctx, session, sharing.READ, "follow runs of"), None
+        try:
+            record = steps.refresh(ctx, record, strict=True)
+        except SlurmUnreachable as exc:
+            unreachable = exc.message
         inst = steps.find_instance(record, step, instance)
-        on_update(steps.view(inst))
+        # Each view says whether Slurm answered, so a follower is told it sees last known states.
+        on_update({**steps.view(inst), "slurm_reachable": unreachable is None, "slurm_error": unreachable})
         if steps.instance_done(inst):
             break
         time.sleep(poll if time.monotonic() < slow_after else max_poll)
@@ -738,6 +1169,34 @@ def follow(
             f"step {step} (instance {instance}) of session {record['name']} did not complete", details=bad
         )
     return steps.view(inst)
+
+
+# ---------------------------------------------------------------------------------------------
+# share / unshare / join (the rules are in sharing.py)
+
+
+def share(
+    ctx: Context, session: str | None, user: str | None, mode: str | None = None, expires_s: int | None = None
+) -> dict[str, Any]:
+    """Share the caller's session with a user, ``ro`` or ``rw`` (see :mod:`iosea_wf.sharing`)."""
+    return sharing.share(ctx, session, user, mode, expires_s)
+
+
+def unshare(ctx: Context, session: str | None, user: str | None) -> dict[str, Any]:
+    """End a user's share of the caller's session."""
+    return sharing.unshare(ctx, session, user)
+
+
+def share_token(
+    ctx: Context, session: str | None, mode: str | None = None, expires_s: int | None = None
+) -> dict[str, Any]:
+    """A one-time token sharing the caller's session with whoever redeems it."""
+    return sharing.new_token(ctx, session, mode, expires_s)
+
+
+def join(ctx: Context, token: str | None) -> dict[str, Any]:
+    """Redeem a share token (once)."""
+    return sharing.join(ctx, token)
 
 
 __all__ = [

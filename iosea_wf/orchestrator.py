@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .errors import OrchestrationError
+from .errors import Interrupted, OrchestrationError
 from .procs import alive
 from .site import DATA_DIR
 from .warm_playbook import idle_seconds
@@ -39,6 +39,10 @@ KEEP_RUNS = 20
 # A run directory that never got a final status (its runner was killed) is pruned after this long:
 # no playbook of iosea-wf runs for a day.
 STALE_RUN_SECONDS = 24 * 3600
+
+# Seconds an interrupted playbook has to end after SIGTERM before it is killed (the interrupted
+# command must still exit within 2 s).
+INTERRUPT_GRACE = 0.8
 
 # Tasks whose result a role reports back to Python, and the event kind each becomes:
 # a service role's last task when its service answers (roles/nfs_service), and the job ids of a
@@ -204,14 +208,23 @@ def run_playbook(
     extravars: dict[str, Any],
     on_event: EventCallback | None = None,
     verbose: bool = False,
+    keep_going: Callable[[], bool] | None = None,
 ) -> PlaybookResult:
     """Run ``playbooks/<playbook>.yml`` against the site and return per-host outcomes.
 
     ``on_event(host, kind, data)`` is called as hosts finish tasks: kind is ``ready`` when a
     service role's ready task succeeded (data = its message), ``submitted`` when a step's jobs
     were submitted (data = their ids), ``failed`` or ``unreachable``.
+
+    SIGINT or SIGTERM (in the main thread) ends the playbook and raises :class:`Interrupted`;
+    ``keep_going()``, asked every half second, ends it when False (status ``canceled``).
     """
-    import ansible_runner  # imported here: read-only commands never pay for it
+    from .procs import deferred_interrupts
+
+    # Imported here (read-only commands never pay for it), whole: an import cut by Ctrl-C would
+    # leave a half-initialised ansible_runner for the rollback's own playbook.
+    with deferred_interrupts():
+        import ansible_runner
 
     private_dir = Path(state_dir) / "runs" / ident
     private_dir.mkdir(parents=True, exist_ok=True)
@@ -242,6 +255,26 @@ def run_playbook(
     warm = Path(bin_dir) / "iosea-wf-ansible-playbook"
     binary = str(warm) if idle_seconds() > 0 and warm.exists() else None
     started = time.time()
+    signals: list[int] = []
+    previous = _catch_signals(signals)
+    if signals:  # interrupted before the run began: it never starts
+        _restore_signals(previous)
+        raise Interrupted(signals[0])
+
+    asked = [time.monotonic()]
+
+    def cancel() -> bool:
+        # ansible-runner would SIGKILL the playbook's process group at once (and, given no
+        # callback, install signal handlers it never restores): the playbook gets SIGTERM and a
+        # moment to end instead, and whatever it leaves is found by its caller.
+        stop = bool(signals)
+        if not stop and keep_going is not None and time.monotonic() - asked[0] > 0.5:
+            asked[0] = time.monotonic()
+            stop = not keep_going()
+        if stop:
+            end_orphaned_run(state_dir, ident, grace=INTERRUPT_GRACE)
+        return stop
+
     try:
         runner = ansible_runner.run(
             private_data_dir=str(private_dir),
@@ -256,10 +289,17 @@ def run_playbook(
             quiet=not verbose,
             forks=16,
             event_handler=handle,
-            settings={"suppress_ansible_output": not verbose},
+            cancel_callback=cancel,
+            # How often ansible-runner calls `cancel` (its default, 5 s, would delay an interrupt).
+            settings={"suppress_ansible_output": not verbose, "pexpect_timeout": 0.1},
         )
     except Exception as exc:  # ansible-runner raises bare exceptions for setup problems
         raise OrchestrationError(f"cannot run the playbook {playbook}: {exc}") from None
+    finally:
+        _restore_signals(previous)
+    if signals:
+        prune_runs(state_dir)
+        raise Interrupted(signals[0])
     artifacts = str(private_dir / "artifacts" / ident)
     result = PlaybookResult(
         ident=ident, status=runner.status, rc=runner.rc or 0, artifacts=artifacts, hosts=hosts
@@ -274,6 +314,35 @@ def run_playbook(
         )
     prune_runs(state_dir)
     return result
+
+
+def _catch_signals(caught: list[int]) -> dict:
+    """While a playbook runs, SIGINT and SIGTERM are noted in ``caught`` (the run is then ended).
+
+    Only in the main thread (a service runs playbooks in worker threads: no signal reaches them).
+    Returns the handlers to restore.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def note(signum, _frame):
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for handler in previous.values():
+        # A signal held by procs.deferred_interrupts before the run began: it ends the run too.
+        caught.extend(getattr(handler, "caught", [])[:1])
+    return previous
+
+
+def _restore_signals(previous: dict) -> None:
+    import signal
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def end_orphaned_run(state_dir: Path, ident: str, grace: float = 5.0) -> int:

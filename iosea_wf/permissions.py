@@ -14,14 +14,15 @@ import pwd
 
 from .errors import SiteError
 
-# "r": list and enter a directory (or read a file); "w": also create and remove entries in it.
-_FLAGS = {"r": os.R_OK | os.X_OK, "w": os.R_OK | os.W_OK | os.X_OK}
+# "r": list and enter a directory (or read a file); "w": also create and remove entries in it;
+# "x": run a file (every directory to it searchable, symlinks followed).
+_FLAGS = {"r": os.R_OK | os.X_OK, "w": os.R_OK | os.W_OK | os.X_OK, "x": os.X_OK}
 
 
 def user_may(user: str, path: str, mode: str) -> bool:
-    """True when Unix user ``user`` may use ``path`` for ``mode`` ("r" or "w")."""
+    """True when Unix user ``user`` may use ``path`` for ``mode`` ("r", "w" or "x")."""
     if mode not in _FLAGS:
-        raise ValueError(f"mode must be 'r' or 'w', got {mode!r}")
+        raise ValueError(f"mode must be 'r', 'w' or 'x', got {mode!r}")
     try:
         entry = pwd.getpwnam(user)
     except KeyError:

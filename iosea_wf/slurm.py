@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .errors import SlurmError, UsageError
+from .errors import SlurmError, SlurmUnreachable, UsageError
 from .identity import current_user
 
 PENDING_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
@@ -45,6 +45,9 @@ TERMINAL_STATES = {
 UNKNOWN = "UNKNOWN"
 
 _TIMEOUT = 30
+# What every client command prints once its ~18 s of retries on a silent slurmctld are spent.
+_NO_CONTROLLER = "Unable to contact slurm controller"
+UNREACHABLE = "Slurm is unreachable: slurmctld does not answer"
 
 
 @dataclass(frozen=True)
@@ -69,17 +72,32 @@ class JobState:
 
 
 def _run(
-    argv: list[str], *, check: bool = True, timeout: float = _TIMEOUT, env: dict[str, str] | None = None
+    argv: list[str],
+    *,
+    check: bool = True,
+    timeout: float = _TIMEOUT,
+    env: dict[str, str] | None = None,
+    own_session: bool = False,
 ) -> subprocess.CompletedProcess:
     if shutil.which(argv[0]) is None:
         raise SlurmError(f"{argv[0]} is not installed here: is this a Slurm client host?")
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=own_session
+        )
     except subprocess.TimeoutExpired:
-        raise SlurmError(f"{argv[0]} did not answer within {timeout:.0f}s: is slurmctld running?") from None
+        raise SlurmUnreachable(f"{UNREACHABLE} ({argv[0]} got no answer within {timeout:.0f} s)") from None
     if check and proc.returncode != 0:
-        raise SlurmError(f"{' '.join(argv[:2])} failed: {(proc.stderr or proc.stdout).strip()}")
+        _raise_failure(argv, proc)
     return proc
+
+
+def _raise_failure(argv: list[str], proc: subprocess.CompletedProcess) -> None:
+    """SlurmUnreachable when the command found no slurmctld, else SlurmError with what it said."""
+    said = (proc.stderr or proc.stdout).strip()
+    if _NO_CONTROLLER in said:
+        raise SlurmUnreachable(f"{UNREACHABLE} ({argv[0]}: {said})")
+    raise SlurmError(f"{' '.join(argv[:2])} failed: {said}")
 
 
 def _normal_state(raw: str) -> str:
@@ -149,7 +167,7 @@ def job_states(job_ids: list[str]) -> dict[str, JobState]:
     if proc.returncode == 0:
         found.update(parse_squeue(proc.stdout, ids))
     elif "Invalid job id" not in proc.stderr:
-        raise SlurmError(f"squeue failed: {proc.stderr.strip()}")
+        _raise_failure(["squeue"], proc)
     missing = [j for j in ids if j not in found]
     if missing:
         proc = _run(
@@ -248,7 +266,7 @@ def cancel(job_ids: list[str], on_behalf: OnBehalf | None = None) -> None:
             and "Invalid job id" not in proc.stderr
             and "already completing" not in proc.stderr
         ):
-            raise SlurmError(f"scancel failed: {proc.stderr.strip()}")
+            _raise_failure(["scancel"], proc)
 
 
 def controller_up() -> bool:
@@ -260,17 +278,42 @@ def controller_up() -> bool:
     return "UP" in proc.stdout
 
 
+def require_controller() -> None:
+    """Raise SlurmUnreachable unless slurmctld answers (within seconds, not the clients' ~18 s of retries)."""
+    if not controller_up():
+        raise SlurmUnreachable(f"{UNREACHABLE} (`scontrol ping`)")
+
+
+# sinfo's long state names of a node an administrator (or Slurm, after SlurmdTimeout) took out of
+# service. Not "unknown" nor a "*" suffix (not responding) alone: every node is so for a moment
+# after slurmctld restarts or a node is resumed, and the allocation's own wait decides then.
+_NO_NEW_WORK = {
+    "down", "drained", "draining", "drain", "fail", "failing", "maint", "future",
+    "reboot_issued", "reboot_requested", "powered_down", "powering_down", "inval",
+}  # fmt: skip
+
+
+def unusable_nodes(names: list[str]) -> dict[str, str]:
+    """{node: why} for the nodes among ``names`` that Slurm gives no new work (drained, down, ...).
+
+    {} when slurmctld does not answer: what Slurm would say is then unknown, not a refusal.
+    """
+    if not names or not controller_up():
+        return {}
+    fields = "NodeList:|,StateLong:|,Reason:|"
+    proc = _run(["sinfo", "-h", "-N", "-n", ",".join(names), "-O", fields], check=False)
+    unusable = {}
+    for line in proc.stdout.splitlines():
+        node, state, reason = ([p.strip() for p in line.split("|")] + ["", "", ""])[:3]
+        base = state.rstrip("*~#!%$@^-").lower()
+        if node in names and base in _NO_NEW_WORK:
+            unusable[node] = f"{base} in Slurm" + (f" ({reason})" if reason and reason != "none" else "")
+    return unusable
+
+
 def jobs_named(name: str) -> list[tuple[str, str, str]]:
     """(job id, state, reason) of the jobs of that exact name slurmctld still knows (ended ones too)."""
-    proc = _run(
-        ["squeue", "--states=all", "-h", "--name", name, "-O", "JobID:|,State:|,Reason:|"], check=False
-    )
-    rows = []
-    for line in proc.stdout.splitlines():
-        parts = [p.strip() for p in line.split("|")]
-        if len(parts) >= 3 and parts[0]:
-            rows.append((parts[0], parts[1], parts[2]))
-    return rows
+    return _squeue_rows(["--states=all", "--name", name], "JobID:|,State:|,Reason:|")
 
 
 def allocate_and_run(argv: list[str], env: dict[str, str] | None = None) -> int:
@@ -295,3 +338,70 @@ def user_token(lifespan: int = 120) -> str | None:
         if proc.returncode == 0 and line.startswith("SLURM_JWT="):
             return line.split("=", 1)[1].strip() or None
     return None
+
+
+def user_jobs(user: str) -> list[tuple[str, str, str]]:
+    """(job id, name, state) of the unfinished jobs slurmctld holds for a user."""
+    return _squeue_rows(["-u", user], "JobID:|,Name:|,State:|")
+
+
+def _squeue_rows(selection: list[str], fields: str) -> list[tuple[str, str, str]]:
+    """The three ``|``-separated ``fields`` of each job ``squeue`` selects (rows without a job id dropped)."""
+    proc = _run(["squeue", "-h", *selection, "-O", fields], check=False)
+    rows = []
+    for line in proc.stdout.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) >= 3 and parts[0]:
+            rows.append((parts[0], parts[1], parts[2]))
+    return rows
+
+
+# What sbatch says when no node of the request's partition could ever hold it (too many cores, too
+# much memory): an answer about the datanodes' resources, not a failure of Slurm.
+_NEVER_FITS = (
+    "Requested node configuration is not available",
+    "Memory required by task is not available",
+    "More processors requested than permitted",
+    "Node count specification invalid",
+)
+
+
+def submit_allocation(
+    name: str, partition: str, node: str, cores: int, memory_mb: int, on_behalf: OnBehalf | None = None
+) -> str:
+    """Submit a job that only holds ``cores`` and ``memory_mb`` of ``node`` until cancelled; its id.
+
+    No output file (``/dev/null``), working directory ``/``. ``on_behalf``: submitted as that user
+    with their token (the allocation is theirs, accounted to them). ResourcesUnavailable when Slurm
+    answers that the node can never hold it.
+    """
+    from .errors import ResourcesUnavailable
+
+    argv = ["sbatch", "--parsable", *(on_behalf.sbatch_options() if on_behalf else [])]
+    argv += [
+        f"--job-name={name}",
+        f"--partition={partition}",
+        f"--nodelist={node}",
+        "--nodes=1",
+        "--ntasks=1",
+        f"--cpus-per-task={cores}",
+        f"--mem={memory_mb}M",
+        "--output=/dev/null",
+        "--error=/dev/null",
+        "--chdir=/",
+        "--wrap=exec sleep infinity",
+    ]
+    # In a session of its own: a Ctrl-C at the terminal never cuts sbatch between Slurm's accepting
+    # the job and its printing the id (the caller defers the interrupt until the id is recorded).
+    proc = _run(argv, check=False, env=on_behalf.environ() if on_behalf else None, own_session=True)
+    if proc.returncode != 0:
+        said = (proc.stderr or proc.stdout).strip()
+        if any(text in said for text in _NEVER_FITS):
+            raise ResourcesUnavailable(
+                f"Slurm refuses the allocation {name} ({cores} cores, {memory_mb} MB on {node}): {said}"
+            )
+        _raise_failure(argv, proc)
+    job_id = proc.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch gave no job id for {name}: {proc.stdout.strip()!r}")
+    return job_id

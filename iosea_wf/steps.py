@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from . import jobs, slurm
+from . import jobs, permissions, sharing, slurm
 from . import store as st
-from .errors import OrchestrationError, SessionConflict, SessionNotFound, SlurmError, UsageError
+from .errors import (
+    Forbidden,
+    OrchestrationError,
+    SessionConflict,
+    SessionNotFound,
+    SiteError,
+    SlurmError,
+)
+from .sessions import check_step_name  # noqa: F401 (steps' API)
 
 # What a job that will never run is shown as, and why.
 SKIPPED = "SKIPPED"
@@ -31,6 +41,11 @@ NOT_SUBMITTED = "NOT_SUBMITTED"
 SUBMIT_GIVE_UP_S = 300.0
 
 
+def _instance_path(state_dir: Path | str, session: dict[str, Any], step: str, instance: int) -> Path:
+    """Where the scripts of an instance are written (see :func:`_instance_dir`)."""
+    return Path(state_dir) / "jobs" / session["id"] / f"{step}.{instance}"
+
+
 def _instance_dir(
     state_dir: Path, session: dict[str, Any], step: str, instance: int, who: slurm.OnBehalf | None = None
 ) -> tuple[Path, Path]:
@@ -40,7 +55,7 @@ def _instance_dir(
     the scripts stay in root's directory, which the user can pass through but not change: sbatch
     reads them as root, so a file the user could swap would let root submit any file it can read.
     """
-    d = state_dir / "jobs" / session["id"] / f"{step}.{instance}"
+    d = _instance_path(state_dir, session, step, instance)
     d.mkdir(parents=True, exist_ok=True)
     if who is None:
         return d, d
@@ -66,9 +81,47 @@ def _attached_services(session: dict[str, Any], step_def) -> list[dict[str, Any]
     return attached
 
 
+def require_active_services(session: dict[str, Any], services: list[dict[str, Any]], doing: str) -> None:
+    """Refuse (SessionConflict) when a service the command would attach is no longer ACTIVE.
+
+    A service whose allocation ended was torn down and recorded LOST: a job attaching it would
+    find no server, so nothing is submitted; `stop` cleans what is left of the session.
+    """
+    gone = [s for s in services if s.get("state", "ACTIVE") != "ACTIVE"]
+    if gone:
+        raise SessionConflict(
+            f"session {session['name']!r}: cannot {doing}: "
+            + "; ".join(
+                f"service {s['name']} is {s['state']}" + (f" ({s['error']})" if s.get("error") else "")
+                for s in gone
+            )
+            + f"; `iosea-wf stop SESSION={session['name']}` releases the rest"
+        )
+
+
 def tier_dir(session: dict[str, Any]) -> str:
     """The session's directory on a tier: its name, then the start of its id (a reused name never meets)."""
     return f"{session['name']}.{session['id'][:12]}"
+
+
+def _check_job_python(who: slurm.OnBehalf, step_def, attach_mode: str) -> None:
+    """Refuse a run whose jobs would run this process's Python as a user who cannot run it (SiteError).
+
+    The attach helper and the data movers of a step run ``sys.executable`` inside the user's jobs:
+    a service run from a Python only root can reach (e.g. under /root) would submit jobs that
+    fail with "Permission denied" at their first line.
+    """
+    uses_python = any(ref.datamovers for ref in step_def.services) or (
+        attach_mode == "bind" and bool(step_def.services)
+    )
+    if not uses_python:
+        return
+    if not permissions.user_may(who.user, sys.executable, "x"):
+        raise SiteError(
+            f"the Workflow Manager runs from {sys.executable}, which user {who.user} cannot run: "
+            "the jobs of a step with services or data movers run it as their user; run the service "
+            "from a Python every user can run (e.g. a venv of /usr/bin/python3)"
+        )
 
 
 def plan_run(
@@ -89,14 +142,20 @@ def plan_run(
             f"(steps: {', '.join(wdf.steps) or 'none'})"
         )
     site = ctx.site_of(session)
+    if who is not None:
+        _check_job_python(who, step_def, site.variables.get("iosea_service_attach", "env"))
     instance = 1 + max((s["instance"] for s in session.get("steps", []) if s["name"] == step), default=0)
     workdir, outdir = _instance_dir(ctx.store.state_dir, session, step, instance, who)
     base = f"iosea.{session['name']}.{step}.{instance}"
     attached = _attached_services(session, step_def)
+    require_active_services(session, attached, f"run step {step}")
     attach_mode = site.variables.get("iosea_service_attach", "env")
 
     movers: list[dict[str, Any]] = []
     pipeline: dict[str, Any] = {"cwd": cwd, "start_movers": [], "stop_movers": [], "user_dirs": []}
+    # Whose run it is: the owner's, or a user the session is shared with read-write. The jobs
+    # are theirs, so their movers write under their own tier directory.
+    runner = ctx.user
     for svc in attached:
         for dm_name in svc["datamovers"]:
             dm = wdf.datamovers[dm_name]
@@ -104,9 +163,9 @@ def plan_run(
             tool = list(site.mover_tools[tier.tool].command)
             # Each tier has a 0700 directory per user (made by the orchestrator before
             # submission): the movers, which run as the user, write only under it.
-            user_dir = os.path.join(tier.path, session["owner"])
+            user_dir = os.path.join(tier.path, runner)
             if all(d["path"] != user_dir for d in pipeline["user_dirs"]):
-                pipeline["user_dirs"].append({"path": user_dir, "user": session["owner"]})
+                pipeline["user_dirs"].append({"path": user_dir, "user": runner})
             target = os.path.join(user_dir, tier_dir(session), svc["name"])
             label = f"{dm_name}.{svc['name']}"
             script = workdir / f"mover.{label}.sh"
@@ -175,6 +234,7 @@ def plan_run(
     record = {
         "name": step,
         "instance": instance,
+        "user": runner,
         "cwd": cwd,
         "submitted_at": time.time(),
         "job_id": None,
@@ -201,11 +261,24 @@ def submit(ctx, session: dict[str, Any], step: str, cwd: str | None = None) -> d
     who = slurm.acting_for(ctx.user, ctx.slurm_jwt)
     with ctx.store.transaction() as tx:
         current = _current(tx, sid)
+        # A share ended (or made read-only) since the caller's session was found: nothing is run.
+        sharing.check(current, ctx.user, sharing.RUN, "run a step of")
         if current["state"] != st.ACTIVE:
             raise SessionConflict(
                 f"session {current['name']!r} is {current['state']}, not ACTIVE: cannot run a step"
             )
-        record, pipeline = plan_run(ctx, current, step, cwd or os.getcwd(), who)
+        try:
+            record, pipeline = plan_run(ctx, current, step, cwd or os.getcwd(), who)
+        except BaseException:
+            # Refused while planning (a reserved #SBATCH line...): its directory is no instance's.
+            number = 1 + max(
+                (s["instance"] for s in current.get("steps", []) if s["name"] == step), default=0
+            )
+            _remove_instance_dir(
+                ctx.store.state_dir,
+                {"name": step, "dir": _instance_path(ctx.store.state_dir, current, step, number)},
+            )
+            raise
         instance = record["instance"]
         ident = f"{session['name']}-run-{step}-{instance}-{int(time.time())}"
         # Who submits, and the playbook run's name: a `stop` finding this process dead ends the
@@ -215,54 +288,78 @@ def submit(ctx, session: dict[str, Any], step: str, cwd: str | None = None) -> d
         current["steps"] = [*current.get("steps", []), record]
         current["updated_at"] = time.time()
         tx.put_session(current)
+    from .errors import Interrupted
+    from .procs import deferred_interrupts
+
     try:
-        with slurm.token_file(who) as token_file:
-            extravars: dict[str, Any] = {"iosea_pipeline": pipeline}
-            if token_file:
-                extravars["iosea_token_file"] = token_file
-            result = run_playbook(
-                "step_submit",
-                site_path=Path(session["site"]),
-                state_dir=ctx.store.state_dir,
-                ident=ident,
-                extravars=extravars,
-                verbose=ctx.verbose,
+        # Signals wait while the jobs Slurm accepted are recorded (never accepted and unknown);
+        # during the playbook they end it (run_playbook), and what reached Slurm is cancelled.
+        with deferred_interrupts():
+            try:
+                with slurm.token_file(who) as token_file:
+                    extravars: dict[str, Any] = {"iosea_pipeline": pipeline}
+                    if token_file:
+                        extravars["iosea_token_file"] = token_file
+                    result = run_playbook(
+                        "step_submit",
+                        site_path=Path(session["site"]),
+                        state_dir=ctx.store.state_dir,
+                        ident=ident,
+                        extravars=extravars,
+                        verbose=ctx.verbose,
+                    )
+            except BaseException as exc:
+                # Interrupted or crashed mid-submission: the playbook has ended (run_playbook waits for
+                # it); whatever of the chain reached Slurm is cancelled, then said.
+                gone = _cancel_named(ctx, _pipeline_names(pipeline))
+                why = "interrupted" if isinstance(exc, Interrupted) else f"crashed: {exc!r}"
+                _mark_not_submitted(ctx, sid, step, instance, f"submission {why}")
+                if isinstance(exc, Interrupted):
+                    exc.note = f"step {step} instance {instance} was not submitted" + (
+                        f": the job(s) {' '.join(gone)} it had reached Slurm with were cancelled"
+                        if gone
+                        else ""
+                    )
+                raise
+            ids = next((h.results for h in result.hosts.values() if h.results.get("step")), None)
+            if not result.ok or not ids:
+                msg = "; ".join(h.message for h in result.hosts.values() if not h.ok) or "no job id reported"
+                # The chain action cancels what it had submitted when an sbatch is refused; a run that
+                # failed otherwise may have left part of the chain: what carries its names goes too.
+                _cancel_named(ctx, _pipeline_names(pipeline))
+                _mark_not_submitted(ctx, sid, step, instance, f"not submitted: {msg}")
+                raise (SlurmError if result.refused_by_slurm else OrchestrationError)(
+                    f"step {step} of session {session['name']} was not submitted: {msg}"
+                )
+            start_ids, stop_ids = list(ids["start_movers"]), list(ids["stop_movers"])
+            mover_ids = [
+                str(start_ids.pop(0) if m["trigger"] == "step_start" else stop_ids.pop(0))
+                for m in record["datamovers"]
+            ]
+            with ctx.store.transaction() as tx:
+                current = _current(tx, sid)
+                inst = _instance_of(current, step, instance)
+                inst.update(job_id=str(ids["step"]), state=None, artifacts=result.artifacts)
+                for mover, job_id in zip(inst["datamovers"], mover_ids, strict=True):
+                    mover["job_id"] = job_id
+                # A stop (or a cancel) that came while the playbook ran: the new jobs must not outlive it.
+                left = current["state"] != st.ACTIVE
+                cancel_now = left or bool(inst.get("cancel_requested"))
+                if cancel_now:
+                    now = time.time()
+                    for entry in [inst, *inst["datamovers"]]:
+                        entry["cancelled_at"] = now
+                current["updated_at"] = time.time()
+                tx.put_session(current)
+            if cancel_now:
+                slurm.cancel(_job_ids(inst), who)
+    except Interrupted as exc:
+        if not exc.note:
+            exc.note = (
+                f"step {step} instance {instance} was submitted and recorded (jobs "
+                f"{' '.join(_job_ids(inst))}): it runs in Slurm; follow it with `iosea-wf status`"
             )
-    except BaseException as exc:
-        # Interrupted or crashed mid-submission: whatever reached Slurm is cancelled, then said.
-        _cancel_named(ctx, _pipeline_names(pipeline))
-        _mark_not_submitted(ctx, sid, step, instance, f"submission interrupted: {exc!r}")
         raise
-    ids = next((h.results for h in result.hosts.values() if h.results.get("step")), None)
-    if not result.ok or not ids:
-        msg = "; ".join(h.message for h in result.hosts.values() if not h.ok) or "no job id reported"
-        # The chain action cancels what it had submitted when an sbatch is refused.
-        _mark_not_submitted(ctx, sid, step, instance, f"not submitted: {msg}")
-        raise (SlurmError if result.refused_by_slurm else OrchestrationError)(
-            f"step {step} of session {session['name']} was not submitted: {msg}"
-        )
-    start_ids, stop_ids = list(ids["start_movers"]), list(ids["stop_movers"])
-    mover_ids = [
-        str(start_ids.pop(0) if m["trigger"] == "step_start" else stop_ids.pop(0))
-        for m in record["datamovers"]
-    ]
-    with ctx.store.transaction() as tx:
-        current = _current(tx, sid)
-        inst = _instance_of(current, step, instance)
-        inst.update(job_id=str(ids["step"]), state=None, artifacts=result.artifacts)
-        for mover, job_id in zip(inst["datamovers"], mover_ids, strict=True):
-            mover["job_id"] = job_id
-        # A stop (or a cancel) that came while the playbook ran: the new jobs must not outlive it.
-        left = current["state"] != st.ACTIVE
-        cancel_now = left or bool(inst.get("cancel_requested"))
-        if cancel_now:
-            now = time.time()
-            for entry in [inst, *inst["datamovers"]]:
-                entry["cancelled_at"] = now
-        current["updated_at"] = time.time()
-        tx.put_session(current)
-    if cancel_now:
-        slurm.cancel(_job_ids(inst), who)
     if left:
         raise SessionConflict(
             f"session {current['name']!r} became {current['state']} while step {step} was submitted: "
@@ -298,6 +395,17 @@ def _mark_not_submitted(ctx, session_id: str, step: str, instance: int, reason: 
             m.update(state=NOT_SUBMITTED, reason="the step was not submitted")
         current["updated_at"] = time.time()
         tx.put_session(current)
+    # Its scripts will never run (what reached Slurm is cancelled): nothing of it stays behind.
+    _remove_instance_dir(ctx.store.state_dir, inst)
+
+
+def _remove_instance_dir(state_dir: Path | str, inst: dict[str, Any]) -> None:
+    """Remove the directory iosea-wf made for an instance, if it is one (under ``jobs/``)."""
+    d = Path(inst.get("dir") or "")
+    jobs_root = Path(state_dir) / "jobs"
+    if d.parent.parent != jobs_root or not d.name.startswith(f"{inst['name']}."):
+        return  # not a directory of ours: never removed
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _pipeline_names(pipeline: dict[str, Any]) -> list[str]:
@@ -392,12 +500,14 @@ def read_progress(path: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def refresh(ctx, session: dict[str, Any]) -> dict[str, Any]:
-    """Ask Slurm (one batch) for every unfinished job of the session; cache final states; return it.
+def refresh(ctx, session: dict[str, Any], *, strict: bool = False) -> dict[str, Any]:
+    """Ask Slurm (one batch) for every unfinished job of the session; record what changed; return it.
 
     Slurm is asked outside the lock; what was learned is merged, per step instance and job id,
     into the record as the store holds it then (another command may have added an instance or an
-    access meanwhile), which is what is returned.
+    access meanwhile), which is what is returned. Final states are kept for good, live ones as the
+    last known (shown while Slurm is unreachable). With Slurm unreachable the record is returned
+    as it is, or, with ``strict``, SlurmUnreachable is raised.
     """
     pending_ids = [
         j
@@ -409,7 +519,13 @@ def refresh(ctx, session: dict[str, Any]) -> dict[str, Any]:
     extra = [
         a["job_id"] for a in session.get("accesses", []) if a.get("job_id") and not _final(a.get("state"))
     ]
-    states = slurm.job_states(pending_ids + extra) if (pending_ids or extra) and slurm.controller_up() else {}
+    states: dict[str, slurm.JobState] = {}
+    if pending_ids or extra:
+        if strict:
+            slurm.require_controller()
+            states = slurm.job_states(pending_ids + extra)
+        elif slurm.controller_up():
+            states = slurm.job_states(pending_ids + extra)
     if not _learn(session, states):
         return session
     with ctx.store.transaction() as tx:
@@ -420,7 +536,7 @@ def refresh(ctx, session: dict[str, Any]) -> dict[str, Any]:
 
 
 def _learn(session: dict[str, Any], states: dict[str, slurm.JobState]) -> bool:
-    """Fold Slurm's answers into the instances and accesses of ``session``; True if a final state is new."""
+    """Fold Slurm's answers into the instances and accesses of ``session``; True if a state is new."""
     changed = False
     for inst in session.get("steps", []):
         changed |= _apply(inst, states)
@@ -428,13 +544,22 @@ def _learn(session: dict[str, Any], states: dict[str, slurm.JobState]) -> bool:
         js = states.get(acc.get("job_id"))
         if js and js.terminal and acc.get("state") != js.state:
             acc["state"], changed = js.state, True
-        elif js:
-            acc["live_state"] = js.state
+        elif js and acc.get("live_state") != js.state:
+            acc["live_state"], changed = js.state, True
     return changed
 
 
+def _cancelled(entry: dict[str, Any]) -> bool:
+    """True when a cancel of this job was asked (``cancel``) and Slurm says it was cancelled."""
+    return bool(entry.get("cancelled_at")) and entry.get("state") == "CANCELLED"
+
+
 def _apply(inst: dict[str, Any], states: dict[str, slurm.JobState]) -> bool:
-    """Fold Slurm's answers into one step instance; return True when a final state was learned."""
+    """Fold Slurm's answers into one step instance; return True when a state (final or live) is new.
+
+    A live state (PENDING, RUNNING...) is recorded only when it changes: it is the last known one
+    ``status`` shows while Slurm is unreachable, and a poll that learns nothing writes nothing.
+    """
     changed = False
 
     def learn(entry: dict[str, Any]) -> None:
@@ -445,8 +570,9 @@ def _apply(inst: dict[str, Any], states: dict[str, slurm.JobState]) -> bool:
         if js.terminal:
             entry.update(state=js.state, exit_code=js.exit_code, signal=js.signal, reason=js.reason)
             changed = True
-        else:
+        elif (entry.get("live_state"), entry.get("reason")) != (js.state, js.reason):
             entry.update(live_state=js.state, reason=js.reason)
+            changed = True
 
     learn(inst)
     for m in inst["datamovers"]:
@@ -458,6 +584,8 @@ def _apply(inst: dict[str, Any], states: dict[str, slurm.JobState]) -> bool:
             and _final(step_state)
             and step_state != "COMPLETED"
             and m["state"] != SKIPPED
+            # One the user cancelled stays CANCELLED (it waits for Slurm to say so).
+            and not m.get("cancelled_at")
         ):
             # afterok: a step that did not complete never triggers its step_stop movers.
             m.update(state=SKIPPED, reason=f"step {step_state}: step_stop data movers do not run")
@@ -473,7 +601,12 @@ def _apply(inst: dict[str, Any], states: dict[str, slurm.JobState]) -> bool:
         and inst.get("live_state") in (None, "PENDING")
     ):
         never = inst.get("reason") in NEVER_RUNS_REASONS or inst.get("state") == "CANCELLED"
-        if never:
+        # A step that was cancelled is CANCELLED, not SKIPPED: its cancel was asked (`cancel`), or
+        # its step_start movers were cancelled, not failed (`stop --force`, a scancel by hand).
+        cancelled = inst.get("cancelled_at") or (
+            inst.get("state") == "CANCELLED" and all(m["state"] == "CANCELLED" for m in failed_start)
+        )
+        if never and not cancelled:
             names = ", ".join(f"{m['name']} {m['state']}" for m in failed_start)
             inst.update(state=SKIPPED, reason=f"step_start data mover {names}: the step does not run")
             for m in inst["datamovers"]:
@@ -488,6 +621,7 @@ def view(inst: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": inst["name"],
         "instance": inst["instance"],
+        "user": inst.get("user"),
         "state": inst.get("state") or inst.get("live_state") or "SUBMITTED",
         "job_id": inst["job_id"],
         "exit_code": inst.get("exit_code"),
@@ -557,33 +691,31 @@ def instance_succeeded(inst: dict[str, Any]) -> bool:
     return inst.get("state") == "COMPLETED" and all(m.get("state") == "COMPLETED" for m in inst["datamovers"])
 
 
-def check_step_name(step: str | None) -> str:
-    """Reject a missing STEP= or one that cannot be a step's name (the WDF's name rule)."""
-    from .wdf.model import NAME_RULE, name_problem
-
-    if not step:
-        raise UsageError("STEP= is mandatory (e.g. STEP=step_A)")
-    why = name_problem(step)
-    if why is not None:
-        raise UsageError(f"invalid step name {step!r} (STEP=): {why}; use {NAME_RULE}")
-    return step
-
-
 def cancel(ctx, session: dict[str, Any], step: str | None = None, instance: int | None = None) -> list[str]:
     """Cancel the unfinished jobs of one step instance (or of every run of the session) in one scancel.
 
     The targets are chosen in the current record, under the lock; an instance still SUBMITTING is
-    marked so that its `run` cancels its jobs as soon as it has their ids.
+    marked so that its `run` cancels its jobs as soon as it has their ids. A user the session is
+    shared with cancels their own runs only (one of another user's is Forbidden, exit 12).
     """
     who = slurm.acting_for(ctx.user, ctx.slurm_jwt)  # refused before anything is marked cancelled
-    session = refresh(ctx, session)
+    # With Slurm unreachable, exit 8 now: scancel would retry for ~18 s and fail.
+    session = refresh(ctx, session, strict=True)
+    is_owner = session["owner"] == ctx.user
     if step:
-        find_instance(session, step, instance)  # SessionNotFound before any write
+        found = find_instance(session, step, instance)  # SessionNotFound before any write
+        if not is_owner and run_user(session, found) != ctx.user:
+            raise Forbidden(
+                f"instance {found['instance']} of step {step} is {run_user(session, found)}'s run: only "
+                f"{session['owner']}, the session's owner, may cancel another user's run"
+            )
     now = time.time()
     ids = []
     with ctx.store.transaction() as tx:
         current = _current(tx, session["id"])
         targets = [find_instance(current, step, instance)] if step else current.get("steps", [])
+        if not is_owner:
+            targets = [i for i in targets if run_user(current, i) == ctx.user]
         for inst in targets:
             if inst.get("state") == SUBMITTING:
                 inst["cancel_requested"] = now
@@ -594,6 +726,76 @@ def cancel(ctx, session: dict[str, Any], step: str | None = None, instance: int 
         if ids or any(i.get("cancel_requested") == now for i in targets):
             current["updated_at"] = now
             tx.put_session(current)
+    cancel_jobs(ctx, current, ids, who)
+    return ids
+
+
+def run_user(session: dict[str, Any], inst: dict[str, Any]) -> str:
+    """Whose run a step instance is (records from before sharing: the owner's)."""
+    return inst.get("user") or session["owner"]
+
+
+def cancel_jobs(ctx, session: dict[str, Any], ids: list[str], who: slurm.OnBehalf | None) -> None:
+    """Cancel jobs of a session: the caller's own with their token (``who``), others' as this process.
+
+    Others' jobs are those of users the session is shared with, cancelled on its owner's word
+    (the manager checked it): they are not the owner's in Slurm, so the owner's token cannot
+    end them; the site's service can.
+    """
+    owners: dict[str, str] = {}
+    for inst in session.get("steps", []):
+        for entry in [inst, *inst["datamovers"]]:
+            if entry.get("job_id"):
+                owners[entry["job_id"]] = run_user(session, inst)
+    for acc in session.get("accesses", []):
+        if acc.get("job_id"):
+            owners[acc["job_id"]] = acc.get("user") or session["owner"]
+    mine = [j for j in ids if owners.get(j, ctx.user) == ctx.user]
+    others = [j for j in ids if j not in mine]
+    if mine:
+        slurm.cancel(mine, who)
+    if others:
+        slurm.cancel(others)
+
+
+def _chain_name(session: dict[str, Any], job_name: str) -> bool:
+    """True when a job name is one `run` gives the jobs of this session (any instance)."""
+    prefix = f"iosea.{session['name']}."
+    if not job_name.startswith(prefix):
+        return False
+    wdf = session.get("wdf") or {}
+    movers = {m.get("name") for m in wdf.get("datamovers", []) if isinstance(m, dict)}
+    rest = job_name[len(prefix) :]
+    for step in {i["name"] for i in session.get("steps", [])}:
+        if not rest.startswith(step + "."):
+            continue
+        number, _, tail = rest[len(step) + 1 :].partition(".")
+        if number.isdigit() and (not tail or (tail.startswith("dm.") and tail[3:] in movers)):
+            return True
+    return False
+
+
+def cancel_unrecorded(ctx, session: dict[str, Any]) -> list[str]:
+    """Cancel the unfinished jobs of the session's chains that no instance records; return their ids.
+
+    A `run` cut short (interrupted, killed) may have had jobs accepted by Slurm that it never
+    recorded: they carry the chain's names, and nothing else may, while the session lives; so
+    does an allocation a `start` cut short between sbatch and its record.
+    """
+    from . import allocations
+
+    if not slurm.controller_up():
+        return []
+    known = set(active_jobs(session)) | {j for inst in session.get("steps", []) for j in _job_ids(inst)}
+    # A recorded allocation is the teardown's to cancel; one a `start` cut short never recorded is a stray.
+    known |= set(allocations.recorded(session))
+    ids = [
+        job_id
+        for job_id, name, state in slurm.user_jobs(session["owner"])
+        if job_id not in known
+        and state not in slurm.TERMINAL_STATES
+        and (_chain_name(session, name) or allocations.is_allocation_name(session, name))
+    ]
     if ids:
-        slurm.cancel(ids, who)
+        slurm.cancel(ids, slurm.acting_for(ctx.user, ctx.slurm_jwt))
     return ids

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,13 +48,16 @@ def _accepts(path: Path) -> bool:
 
 
 @contextmanager
-def running_service(sock: Path, state: Path, *extra: str, log: Path | None = None):
-    """`iosea-wf serve` on ``sock`` with the store in ``state``, stopped (SIGTERM by pid) afterwards."""
+def running_service(sock: Path, state: Path, *extra: str, log: Path | None = None, bin_dir: Path = BIN):
+    """`iosea-wf serve` on ``sock`` with the store in ``state``, stopped (SIGTERM by pid) afterwards.
+
+    ``bin_dir``: the venv it runs from (this one by default).
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("IOSEA_WF_URL", "IOSEA_WF_HOME")}
     log = log or sock.with_suffix(".log")
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [str(BIN / "iosea-wf"), "serve", "--socket", str(sock), "--state-dir", str(state), *extra],
+            [str(bin_dir / "iosea-wf"), "serve", "--socket", str(sock), "--state-dir", str(state), *extra],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -64,7 +69,7 @@ def running_service(sock: Path, state: Path, *extra: str, log: Path | None = Non
                 raise AssertionError(f"iosea-wf serve exited {proc.returncode}: {log.read_text()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"iosea-wf serve did not listen in 60 s: {log.read_text()}")
-            time.sleep(0.05)
+            time.sleep(0.001)
         yield proc
     finally:
         if proc.poll() is None:
@@ -74,6 +79,18 @@ def running_service(sock: Path, state: Path, *extra: str, log: Path | None = Non
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+@contextmanager
+def temporary_service(*extra: str):
+    """``running_service`` on a socket and store of a fresh folder, removed afterwards: (URL, state dir)."""
+    need_munge()
+    folder = Path(tempfile.mkdtemp(prefix="iosea-wf-wm-", dir="/tmp"))
+    try:
+        with running_service(folder / "wm.sock", folder / "state", *extra):
+            yield f"unix://{folder / 'wm.sock'}", folder / "state"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def raw_request(sock: Path, method: str, path: str, body: bytes = b"", headers: dict | None = None):

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from iosea_wf import cli
+from tests.sites import ROOT, inprocess_twin
 
-ROOT = Path(__file__).resolve().parent.parent
-LOCAL_SITE = ROOT / "inventories" / "local"
 EXAMPLE_SITE = ROOT / "inventories" / "example"
 
 
@@ -30,12 +33,28 @@ class Result:
         return json.loads(self.out)
 
 
+@pytest.fixture(scope="session")
+def inprocess_site() -> Iterator[Path]:
+    """The local site as an inventory that names no Workflow Manager: the CLI works in-process.
+
+    The local site's inventory names its service (iosea_wm_url), so every command through it goes
+    to the one store the service keeps; a test with a private store uses this twin instead: the
+    same files (linked), all but the one naming the service. In a folder every user can read:
+    tests run the CLI as real users too.
+    """
+    base = Path(tempfile.mkdtemp(prefix="iosea-wf-inprocess-site-", dir="/tmp"))
+    base.chmod(0o755)
+    twin = inprocess_twin(base)
+    yield twin
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture
-def state_dir(tmp_path, monkeypatch):
-    """A private state dir for the test (also exported as IOSEA_WF_HOME)."""
+def state_dir(tmp_path, monkeypatch, inprocess_site):
+    """A private state dir for the test (also exported as IOSEA_WF_HOME), on the in-process site."""
     d = tmp_path / "state"
     monkeypatch.setenv("IOSEA_WF_HOME", str(d))
-    monkeypatch.delenv("IOSEA_WF_SITE", raising=False)
+    monkeypatch.setenv("IOSEA_WF_SITE", str(inprocess_site))
     # In-process tests stay in-process even where the shell names a Workflow Manager service.
     monkeypatch.delenv("IOSEA_WF_URL", raising=False)
     return d
@@ -62,3 +81,28 @@ def site_is_up() -> bool:
     except subprocess.TimeoutExpired:
         return False
     return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def _site_service_sessions() -> set[str] | None:
+    """Names of root's live sessions in the local site's own service, or None if it is not up."""
+    env = {k: v for k, v in os.environ.items() if k not in ("IOSEA_WF_URL", "IOSEA_WF_SITE", "IOSEA_WF_HOME")}
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "iosea-wf"), "list", "--json"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        return None
+    return {s["session"] for s in json.loads(done.stdout)["sessions"]}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def site_service_untouched():
+    """No test leaves a live session in the site's own store (tests keep private stores)."""
+    before = _site_service_sessions()
+    yield
+    after = _site_service_sessions()
+    if before is not None and after is not None:
+        assert after <= before, f"tests left live sessions in the site's service: {sorted(after - before)}"

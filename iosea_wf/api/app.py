@@ -27,11 +27,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from .. import identity, manager
+from .. import errors, identity, manager, sharing
 from .. import store as st
 from ..errors import (
     EXIT_CONFLICT,
     EXIT_FAILURE,
+    EXIT_FORBIDDEN,
     EXIT_NOT_FOUND,
     EXIT_ORCHESTRATION,
     EXIT_RESOURCES,
@@ -46,6 +47,7 @@ from ..errors import (
 )
 from ..site import Site, load_site
 from . import auth
+from .limits import BodyLimit
 
 API = "/v1"
 # Whether steps.submit makes a caller's jobs the caller's (sbatch --uid/--gid with their Slurm
@@ -59,6 +61,7 @@ log = logging.getLogger("uvicorn.error")
 HTTP_STATUS = {
     EXIT_USAGE: 400,
     EXIT_UNAUTHENTICATED: 401,
+    EXIT_FORBIDDEN: 403,
     EXIT_NOT_FOUND: 404,
     EXIT_CONFLICT: 409,
     EXIT_RESOURCES: 409,
@@ -73,7 +76,8 @@ class Service:
 
     def __init__(self, site_dir: str | None, state_dir: str | Path, *, verbose: bool = False):
         self.site: Site = load_site(site_dir)
-        self.store = st.Store(state_dir)
+        # Long-lived: shared reads (status, list) reuse the parsed store while its file is unchanged.
+        self.store = st.Store(state_dir, cache=True)
         self.verbose = verbose
 
     def context(self, caller: identity.Caller, slurm_jwt: str | None = None) -> manager.Context:
@@ -88,17 +92,32 @@ class Service:
             _store=self.store,
         )
 
+    def watch_allocations(self) -> threading.Event:
+        """Start the thread that tears down services whose Slurm allocation ended; set the Event to end it.
+
+        One squeue every few seconds for every live session (allocations.watch): the service, not
+        a Slurm epilog, keeps each export no longer than its allocation, so the site's slurm.conf
+        is left as it is.
+        """
+        from .. import allocations
+
+        done = threading.Event()
+
+        def ctx_for(owner: str) -> manager.Context:
+            return self.context(identity.Caller(user=owner, uid=-1, gid=-1))
+
+        threading.Thread(
+            target=allocations.watch,
+            args=(ctx_for, self.store, done),
+            name="iosea-wm-allocations",
+            daemon=True,
+        ).start()
+        return done
+
 
 def error_body(exc: IoseaError) -> dict[str, Any]:
-    """The JSON form of an error, enough for the client to raise it again."""
-    return {
-        "error": {
-            "type": type(exc).__name__,
-            "exit_code": exc.exit_code,
-            "message": exc.message,
-            "details": exc.details,
-        }
-    }
+    """The JSON form of an error, enough for the client to raise it again (the CLI's --json form too)."""
+    return errors.error_body(exc)
 
 
 def _error_response(exc: IoseaError) -> JSONResponse:
@@ -184,6 +203,9 @@ class WorkflowText(BaseModel):
     text: str | None = Field(None, description="its text, read with the caller's rights")
     variables: dict[str, str] = Field(default_factory=dict, description="WDF variables (NAME=value)")
     session: str | None = Field(None, description="the session name (SESSION=)")
+    wait_resources: float | None = Field(
+        None, ge=0, description="start: seconds its Slurm allocations may wait for the datanodes' resources"
+    )
 
 
 class StopRequest(BaseModel):
@@ -211,6 +233,20 @@ class CancelRequest(BaseModel):
 
     step: str | None = None
     instance: int | None = None
+
+
+class ShareRequest(BaseModel):
+    """A share of the caller's session with a user, or (without ``user``) a one-time token."""
+
+    user: str | None = Field(None, description="the user to share with; none: make a token")
+    mode: str = Field(sharing.RO, description="ro or rw")
+    expires_s: int | None = Field(None, description="seconds the share (or token) lasts")
+
+
+class JoinRequest(BaseModel):
+    """A share token to redeem (in the body: a URL would put it in the service's logs)."""
+
+    token: str
 
 
 class AccessEntry(BaseModel):
@@ -242,6 +278,15 @@ async def _context(request: Request) -> manager.Context:
 Ctx = Annotated[manager.Context, Depends(_context)]
 
 
+def _session_ref(name: str, owner: str | None = None) -> str:
+    """The session a request names: ``NAME`` in the path, ``?owner=OWNER`` for one shared with the caller."""
+    return sharing.join_ref(owner, name)
+
+
+# Every route on /v1/sessions/{name}/... takes it: `SESSION=OWNER/NAME` on the command line.
+Ref = Annotated[str, Depends(_session_ref)]
+
+
 def create_app(service: Service) -> FastAPI:
     """The FastAPI application of one service."""
     app = FastAPI(
@@ -254,6 +299,8 @@ def create_app(service: Service) -> FastAPI:
         docs_url=f"{API}/docs",
         redoc_url=None,
     )
+
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(IoseaError)
     async def _on_error(_: Request, exc: IoseaError) -> JSONResponse:
@@ -279,7 +326,7 @@ def create_app(service: Service) -> FastAPI:
         return {"sessions": manager.list_sessions(ctx, include_ended=all)}
 
     @app.get(f"{API}/sessions/{{name}}", summary="one of the caller's sessions (status)")
-    def status(ctx: Ctx, name: str) -> dict[str, Any]:
+    def status(ctx: Ctx, name: Ref) -> dict[str, Any]:
         return manager.status(ctx, name)
 
     @app.post(f"{API}/validate", summary="validate a WDF against the site (validate)")
@@ -304,11 +351,12 @@ def create_app(service: Service) -> FastAPI:
                 progress=lambda line: emit({"progress": line}),
                 text=body.text,
                 resolved=body.resolved,
+                wait_resources=body.wait_resources,
             )
         )
 
     @app.post(f"{API}/sessions/{{name}}/stop", summary="stop a session (stop); streams progress")
-    async def stop(ctx: Ctx, name: str, body: StopRequest):
+    async def stop(ctx: Ctx, name: Ref, body: StopRequest):
         return await _streamed(
             lambda emit: manager.stop(
                 ctx, name, force=body.force, progress=lambda line: emit({"progress": line})
@@ -316,11 +364,11 @@ def create_app(service: Service) -> FastAPI:
         )
 
     @app.get(f"{API}/sessions/{{name}}/steps/{{step}}", summary="the batch script a step's run needs")
-    def step_script(ctx: Ctx, name: str, step: str) -> dict[str, Any]:
+    def step_script(ctx: Ctx, name: Ref, step: str) -> dict[str, Any]:
         return {"script": _step_script(ctx, name, step)}
 
     @app.post(f"{API}/sessions/{{name}}/steps/{{step}}/runs", summary="run a step (run)")
-    def run(ctx: Ctx, name: str, step: str, body: RunRequest) -> dict[str, Any]:
+    def run(ctx: Ctx, name: Ref, step: str, body: RunRequest) -> dict[str, Any]:
         wanted = _step_script(ctx, name, step)
         if ctx.user != identity.current_user() and not SUBMITS_AS_CALLER:
             # Jobs submitted here would run as the service's user, not the caller's.
@@ -341,25 +389,28 @@ def create_app(service: Service) -> FastAPI:
         f"{API}/sessions/{{name}}/steps/{{step}}/runs/{{instance}}/follow",
         summary="follow a step run to its end (run --wait); streams updates",
     )
-    async def follow(ctx: Ctx, name: str, step: str, instance: int):
+    async def follow(ctx: Ctx, name: Ref, step: str, instance: int):
         return await _streamed(
             lambda emit: manager.follow(ctx, name, step, instance, lambda view: emit({"update": view})),
             abandon=f"{ctx.user}'s follow of {name} {step}#{instance}",
         )
 
     @app.post(f"{API}/sessions/{{name}}/cancel", summary="cancel what `run` started (cancel)")
-    def cancel(ctx: Ctx, name: str, body: CancelRequest) -> dict[str, Any]:
+    def cancel(ctx: Ctx, name: Ref, body: CancelRequest) -> dict[str, Any]:
         return {"cancelled": manager.cancel(ctx, name, body.step, body.instance)}
 
     @app.post(f"{API}/sessions/{{name}}/access", summary="check an interactive access may open (access)")
-    def access_check(ctx: Ctx, name: str) -> dict[str, Any]:
-        record = manager.find_session(ctx, name)
+    def access_check(ctx: Ctx, name: Ref) -> dict[str, Any]:
+        record = manager.find_session(ctx, name, sharing.READ, "access")
         if record["state"] != st.ACTIVE:
             raise SessionConflict(f"session {record['name']!r} is {record['state']}, not ACTIVE: no access")
-        return record
+        # The caller's CLI attaches the services: read-only ones for a read-only share. Who else
+        # holds a share, and the tokens' digests, are the owner's to see only (`status`).
+        sent = {k: v for k, v in record.items() if k not in ("shares", "share_tokens")}
+        return {**sent, "shared_mode": sharing.mode_for(record, ctx.user)}
 
     @app.put(f"{API}/sessions/{{name}}/accesses/{{token}}", summary="record an interactive access (access)")
-    def access_record(ctx: Ctx, request: Request, name: str, token: str, body: AccessEntry) -> dict[str, Any]:
+    def access_record(ctx: Ctx, request: Request, name: Ref, token: str, body: AccessEntry) -> dict[str, Any]:
         from ..access import _update_accesses
 
         if body.token != token:
@@ -368,18 +419,40 @@ def create_app(service: Service) -> FastAPI:
             # From another host (TCP): its salloc's pid means nothing here, so `stop` must not
             # wait on it; it waits on the job once the job id is recorded.
             body.pid = None
-        record = manager.find_session(ctx, name)
+        try:
+            record = manager.find_session(ctx, name, sharing.READ, "access")
+        except SessionNotFound:
+            record = sharing.with_access_of(ctx, name, token)
+            if record is None:
+                raise
         known = any(a.get("token") == token for a in record.get("accesses", []))
 
         def change(accesses: list[dict[str, Any]]) -> None:
             mine = next((a for a in accesses if a.get("token") == token), None)
             if mine is None:
-                accesses.append(mine := {})
+                accesses.append(mine := {"user": ctx.user})
+            elif mine.get("user", record["owner"]) != ctx.user:
+                # In a shared session, an access is changed only by whoever opened it.
+                raise SessionNotFound(f"session {name} has no access {token} of user {ctx.user}")
             mine.update(body.model_dump(exclude_unset=True))
 
         # A new access is recorded only while the session is ACTIVE, as in-process.
         _update_accesses(ctx, record["id"], change, require_active=not known)
         return body.model_dump()
+
+    @app.post(f"{API}/sessions/{{name}}/shares", summary="share the session, or make a token (share)")
+    def share(ctx: Ctx, name: Ref, body: ShareRequest) -> dict[str, Any]:
+        if body.user is None:
+            return manager.share_token(ctx, name, body.mode, body.expires_s)
+        return manager.share(ctx, name, body.user, body.mode, body.expires_s)
+
+    @app.delete(f"{API}/sessions/{{name}}/shares/{{user}}", summary="end a user's share (unshare)")
+    def unshare(ctx: Ctx, name: Ref, user: str) -> dict[str, Any]:
+        return manager.unshare(ctx, name, user)
+
+    @app.post(f"{API}/joins", summary="redeem a one-time share token (join)")
+    def join(ctx: Ctx, body: JoinRequest) -> dict[str, Any]:
+        return manager.join(ctx, body.token)
 
     return app
 
@@ -390,7 +463,7 @@ def _step_script(ctx: manager.Context, name: str, step: str) -> str | None:
     from ..wdf import Workflow
 
     step = steps.check_step_name(step)
-    record = manager.find_session(ctx, name)
+    record = manager.find_session(ctx, name, sharing.RUN, "run a step of")
     if record["state"] != st.ACTIVE:
         raise SessionConflict(
             f"session {record['name']!r} is {record['state']}, not ACTIVE: cannot run a step"

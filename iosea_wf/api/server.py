@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import stat
 import sys
@@ -90,27 +91,39 @@ def serve(
     from .app import Service, create_app
 
     service = Service(site_dir, state_dir, verbose=verbose)
+    config = uvicorn.Config(
+        create_app(service),
+        http=PeerCredentialsProtocol,
+        lifespan="off",
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+
+    def stop(_signum, _frame) -> None:
+        server.should_exit = True
+
+    # From before the socket is bound, SIGINT/SIGTERM ask the server to stop: one that comes
+    # before uvicorn installs its own handlers makes it shut down as soon as it starts, and the
+    # one uvicorn re-raises once shut down lands here too, so serve() removes its socket and
+    # returns 0 (the console script's early handler would exit at once, 143, socket left).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     sockets = [bind_unix(socket_path)]
     try:
         if tcp:
             sockets.append(bind_tcp(tcp))
-        config = uvicorn.Config(
-            create_app(service),
-            http=PeerCredentialsProtocol,
-            lifespan="off",
-            log_level="info",
-            timeout_graceful_shutdown=5,
-        )
-        server = uvicorn.Server(config)
         print(
             f"iosea-wf serve: site {service.site.path}, store {service.store.state_dir}, "
             f"listening on unix://{socket_path}" + (f" and http://{tcp}" if tcp else ""),
             file=sys.stderr,
             flush=True,
         )
+        watching = service.watch_allocations()
         if ready:
             ready()
         server.run(sockets=sockets)
+        watching.set()
     finally:
         for s in sockets:
             s.close()

@@ -12,7 +12,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import SiteError, UsageError
-from ..site import site_path
 
 URL_KEY = "iosea_wm_url"
 DEFAULT_SOCKET = "/run/iosea-wf/wm.sock"
@@ -21,6 +20,8 @@ DEFAULT_STATE_DIR = "/var/lib/iosea-wf/wm"
 
 def site_literal(site: str | os.PathLike | None, key: str) -> str | None:
     """A literal string setting of the site's ``group_vars/all``, without reading the inventory."""
+    from ..site import site_path  # not at import: with IOSEA_WF_URL set, no command needs the site model
+
     folder = site_path(site) / "group_vars" / "all"
     files = sorted(folder.glob("*.yml")) + sorted(folder.glob("*.yaml")) if folder.is_dir() else []
     for path in files:

@@ -12,6 +12,7 @@ from typing import Any
 
 import voluptuous as vol
 
+from ..jobs import env_name
 from ..permissions import user_may
 from ..site import Site
 from .problems import Path, Problems, format_path
@@ -142,6 +143,25 @@ def references(
                         (*path, "datamovers", k), f"data mover {mover!r} is listed twice", "each once"
                     )
                 seen.add(mover)
+
+
+def distinct_env_stems(data: dict[str, Any], problems: Problems) -> None:
+    """No two services may share an environment stem (``data-1`` and ``data_1`` are both
+    ``IOSEA_SERVICE_DATA_1_*``): a job using both would see only one of them."""
+    owner: dict[str, str] = {}
+    for i, service in entries(data, "services"):
+        value = service.get("name")
+        if not isinstance(value, str):
+            continue
+        stem = env_name(value)
+        if stem in owner and owner[stem] != value:  # the same name twice is reported as a duplicate
+            problems.add(
+                ("services", i, "name"),
+                f"services {owner[stem]!r} and {value!r} both give the job the variables {stem}_*",
+                "service names that stay distinct once '-' and '.' become '_' and letters are upper-cased",
+            )
+        else:
+            owner.setdefault(stem, value)
 
 
 def distinct_paths(data: dict[str, Any], problems: Problems) -> None:

@@ -79,6 +79,7 @@ def load_wdf(
     mover_names = checks.unique_mover_names(data, problems)
     checks.unique_names(data, "steps", "step", problems)
     checks.references(data, service_names, mover_names, problems)
+    checks.distinct_env_stems(data, problems)
     checks.distinct_paths(data, problems)
     if site is not None:
         checks.against_site(data, site, problems)

@@ -11,6 +11,9 @@ import pytest
 
 from tests.conftest import site_is_up
 
+# Real users through a service (module-scoped: one venv, one service, one pair of users per module).
+from tests.integration.service_users import as_user, client_bin, service, user_venv, users  # noqa: F401
+
 BIN = Path(sys.executable).parent
 
 

@@ -67,8 +67,16 @@ def test_root_is_squashed_and_a_private_namespace_of_its_user_starts(user, tmp_p
     wdf = tmp_path / "wf.yaml"
     wdf.write_text(WDF.format(shared=shared, private=private, shared_mode="RW", private_mode="RW"))
 
-    # The orchestrator runs as root for this user, as the site service of a later issue will.
-    ctx = manager.Context(state_dir=str(state_dir), user=user.pw_name)
+    # The orchestrator runs as root for this user, as the site service does: with the user's Slurm
+    # token, which the services' allocations (the user's jobs) are submitted and cancelled with.
+    token = subprocess.run(
+        ["runuser", "-u", user.pw_name, "--", "scontrol", "token", "lifespan=600"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
+    ctx = manager.Context(state_dir=str(state_dir), user=user.pw_name, slurm_jwt=token.split("=", 1)[1])
     session = manager.start(ctx, str(wdf), "squash", {})
     try:
         urls = {s["name"]: s["url"] for s in session["services"]}

@@ -11,7 +11,6 @@ alice's Slurm token.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import pwd
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SYSTEM_PYTHON = "/usr/bin/python3"
+from tests.unix_users import fresh_uid
+
 DRIVER = Path(__file__).with_name("manager_for_user.py")
 TAPE = "/var/lib/iosea-wf/local/tiers/tape"
 # An existing, root-owned ancestor of the mountpoints: alice cannot create her mountpoints in it,
@@ -83,26 +82,6 @@ def _sh(*argv: str, user: str | None = None, check: bool = True, **kw) -> subpro
     return proc
 
 
-@pytest.fixture(scope="session")
-def user_venv():
-    """bin/ of a venv of Debian's python3 with this checkout installed (editable), runnable by all."""
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.fail(f"{SYSTEM_PYTHON} is missing: install Debian's python3-venv")
-    for part in [ROOT, *ROOT.parents]:
-        if not os.stat(part).st_mode & 0o001:
-            pytest.fail(f"{part} is not traversable by other users: they cannot run this checkout")
-    stamp = hashlib.sha1(f"{ROOT}\n{(ROOT / 'pyproject.toml').read_text()}".encode()).hexdigest()[:12]
-    venv = Path(f"/var/tmp/iosea-wf-user-venv-{stamp}")
-    if (
-        not (venv / "bin" / "iosea-wf").exists()
-        or _sh(str(venv / "bin" / "iosea-wf"), "--version", check=False).returncode
-    ):
-        shutil.rmtree(venv, ignore_errors=True)
-        _sh(SYSTEM_PYTHON, "-m", "venv", str(venv), timeout=120)
-        _sh(str(venv / "bin" / "pip"), "install", "-q", "-e", str(ROOT), timeout=600)
-    return venv / "bin"
-
-
 @pytest.fixture(scope="module")
 def users():
     """Two fresh Unix users (alice, bob), removed with their home and tier directories afterwards.
@@ -113,7 +92,7 @@ def users():
     tag = uuid.uuid4().hex[:6]
     names = {"alice": f"iwf-alice-{tag}", "bob": f"iwf-bob-{tag}"}
     for name in names.values():
-        _sh("useradd", "-m", "-s", "/bin/bash", name)
+        _sh("useradd", "-m", "-u", fresh_uid(), "-s", "/bin/bash", name)
     try:
         yield {k: pwd.getpwnam(v) for k, v in names.items()}
     finally:
@@ -136,8 +115,12 @@ def jwt_site():
 
 
 @pytest.fixture(scope="module")
-def alice_session(users, user_venv, jwt_site):
-    """An ACTIVE session of alice's on her 0700 namespaces, with her own store under her home."""
+def alice_session(users, user_venv, jwt_site, inprocess_site):
+    """An ACTIVE session of alice's on her 0700 namespaces, with her own store under her home.
+
+    In-process (the twin of the local inventory that names no Workflow Manager service): these
+    tests are of what runs as alice, the service's tests are elsewhere.
+    """
     alice = users["alice"]
     home = Path(alice.pw_dir)
     MNT_PARENT.mkdir(parents=True, exist_ok=True)
@@ -154,7 +137,7 @@ def alice_session(users, user_venv, jwt_site):
 
     def as_root_for_alice(*argv: str, token: str | None = None, check: bool = True):
         env = {"PATH": f"{user_venv}:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
-               "IOSEA_WF_WARM_ANSIBLE": "0"}  # fmt: skip
+               "IOSEA_WF_WARM_ANSIBLE": "0", "IOSEA_WF_SITE": str(inprocess_site)}  # fmt: skip
         if token:
             env["IOSEA_TEST_JWT"] = token
         proc = _sh(str(user_venv / "python"), str(DRIVER), argv[0], alice.pw_name, str(state), *argv[1:],
@@ -166,14 +149,16 @@ def alice_session(users, user_venv, jwt_site):
     def as_alice(*argv: str, check: bool = True):
         # No warm ansible-playbook server: it would outlive the test as alice (userdel refuses).
         env = ["env", f"PATH={user_venv}:/usr/bin:/bin", f"HOME={home}", f"IOSEA_WF_HOME={state}",
-               f"MARKER={marker}", "LANG=C.UTF-8", "IOSEA_WF_WARM_ANSIBLE=0"]  # fmt: skip
+               f"MARKER={marker}", "LANG=C.UTF-8", "IOSEA_WF_WARM_ANSIBLE=0",
+               f"IOSEA_WF_SITE={inprocess_site}"]  # fmt: skip
         return _sh(*env, *argv, user=alice.pw_name, check=check, cwd=work)
 
     def restore_owner():
         # Root's operations on alice's in-process store leave root-owned files in it.
         _sh("chown", "-R", f"{alice.pw_name}:", str(state))
 
-    as_root_for_alice("start", "wf.yaml", session)
+    # With her token: her services' Slurm allocations are her jobs, submitted and cancelled with it.
+    as_root_for_alice("start", "wf.yaml", session, token=_token(alice.pw_name))
     restore_owner()
     try:
         yield {
@@ -187,7 +172,7 @@ def alice_session(users, user_venv, jwt_site):
             "restore_owner": restore_owner,
         }
     finally:
-        as_root_for_alice("stop", session, check=False)
+        as_root_for_alice("stop", session, token=_token(alice.pw_name), check=False)
         marker.unlink(missing_ok=True)
 
 
@@ -301,6 +286,16 @@ def test_root_submits_for_alice_only_with_her_token(alice_session, users):
     hits = _sh("grep", "-rlF", token, str(s["state"]), "/dev/shm", check=False)
     assert hits.stdout == "" and hits.returncode == 1, hits.stdout
     assert not glob.glob("/dev/shm/iosea-wf-jwt-*") and not glob.glob("/tmp/iosea-wf-jwt-*")
+    s["restore_owner"]()
+
+
+def test_root_starts_services_for_alice_only_with_her_token(alice_session, users):
+    """Her services' allocations would be her jobs: without her token, exit 8, nothing recorded (~1 s)."""
+    alice, s = users["alice"], alice_session
+    refused = s["root_for_alice"]("start", "wf.yaml", "notoken", check=False)
+    assert refused.returncode == 8, refused.stderr
+    assert f"no Slurm token of user {alice.pw_name}" in refused.stderr
+    assert "notoken" not in (s["state"] / "iosea-wf.json").read_text()
     s["restore_owner"]()
 
 

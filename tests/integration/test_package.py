@@ -1,15 +1,17 @@
 """The wheel is a complete tool: built, installed into a fresh venv, run on the local site.
 
 The venv is made from Debian's own /usr/bin/python3 and the commands run with only its bin/ and
-/usr/bin:/bin on PATH, from a directory outside the checkout, with neither --site nor
-IOSEA_WF_SITE: everything (playbooks, roles, the local inventory, iosea-wf-mover in the jobs) must
-come from the installed package.
+/usr/bin:/bin on PATH, from a directory outside the checkout: everything (playbooks, roles, the
+local inventory, iosea-wf-mover in the jobs) must come from the installed package. The site is a
+copy of the packaged local inventory minus the file that names the site's Workflow Manager
+service, so the commands run in-process, on what the wheel carries.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -60,8 +62,26 @@ def installed(tmp_path_factory):
     return bin_dir
 
 
+@pytest.fixture(scope="module")
+def packaged_site(installed, tmp_path_factory):
+    """The packaged local inventory without the file naming the site's service: in-process.
+
+    The packaged inventory names the local site's Workflow Manager (its ``iosea_wm_url``); this
+    module is about what the wheel carries (playbooks, roles, inventory, mover) working on its own.
+    """
+    where = subprocess.run(
+        [str(installed / "python"), "-c", "import iosea_wf.site as s; print(s.LOCAL_SITE)"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    packaged = Path(where.stdout.strip())
+    assert (packaged / "group_vars" / "all" / "workflow_manager.yml").is_file()
+    twin = tmp_path_factory.mktemp("packaged-site") / "local"
+    shutil.copytree(packaged, twin, ignore=shutil.ignore_patterns("workflow_manager.yml"))
+    return twin
+
+
 @pytest.fixture
-def outside(tmp_path, installed):
+def outside(tmp_path, installed, packaged_site):
     """Run an installed command from a work dir outside the checkout, with a minimal PATH."""
     work = tmp_path / "work"
     work.mkdir()
@@ -69,6 +89,7 @@ def outside(tmp_path, installed):
         "HOME": os.environ.get("HOME", "/root"),
         "PATH": f"{installed}:/usr/bin:/bin",
         "IOSEA_WF_HOME": str(tmp_path / "state"),
+        "IOSEA_WF_SITE": str(packaged_site),
         "IOSEA_WF_WARM_ANSIBLE": "20",
         "LANG": "C.UTF-8",
     }

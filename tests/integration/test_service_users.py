@@ -11,20 +11,15 @@ import json
 import os
 import pwd
 import secrets
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
+from iosea_wf import slurm
 from iosea_wf.api.app import SUBMITS_AS_CALLER
-from tests.api_service import need_munge, running_service
-from tests.packaging import SYSTEM_PYTHON, build_wheel, system_venv
-
-# What the CLI imports on the client side (cli, manager, store, site, wdf, api.client).
-CLIENT_REQUIREMENTS = ["httpx", "pyyaml", "jinja2", "voluptuous", "tinydb", "rich"]
+from tests.integration.conftest import nfs_list
+from tests.integration.test_allocations import job_info
+from tests.unix_users import fresh_uid
 
 SERVICE_WDF = """\
 workflow:
@@ -50,80 +45,6 @@ steps:
     location: cpu_module
     command: "sbatch job.sh"
 """
-
-
-@pytest.fixture(scope="module")
-def client_bin():
-    """bin/ of a venv every user can run: Debian's python3, the project's wheel, the client's needs."""
-    if os.geteuid() != 0:
-        pytest.skip("real users need root")
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.fail(f"{SYSTEM_PYTHON} is missing")
-    base = Path(tempfile.mkdtemp(prefix="iosea-wf-users-", dir="/var/tmp"))
-    base.chmod(0o755)
-    try:
-        wheel = build_wheel(base)
-        bin_dir = system_venv(base / "venv")
-        pip = [str(bin_dir / "pip"), "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, *CLIENT_REQUIREMENTS], check=True, timeout=600, capture_output=True)
-        subprocess.run([*pip, "--no-deps", str(wheel)], check=True, timeout=300, capture_output=True)
-        yield bin_dir
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def service():
-    """The service, its socket in a folder every user can reach: unix:// URL."""
-    need_munge()
-    folder = Path(tempfile.mkdtemp(prefix="iosea-wf-wm-", dir="/tmp"))
-    folder.chmod(0o755)
-    try:
-        with running_service(folder / "wm.sock", folder / "state"):
-            yield f"unix://{folder / 'wm.sock'}"
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def users():
-    """Two fresh users, alice and bob: their pwd entries; removed with their homes afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("creating a Unix user needs root")
-    tag = secrets.token_hex(3)
-    made = []
-    try:
-        for who in ("alice", "bob"):
-            name = f"iwf-{who}-{tag}"
-            subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True)
-            made.append(name)
-        yield [pwd.getpwnam(n) for n in made]
-    finally:
-        for name in made:
-            subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
-
-
-@pytest.fixture
-def as_user(client_bin, service):
-    """as_user(user, *argv) runs `iosea-wf ARGV` as that user, in their home, through the service."""
-
-    def command(user: pwd.struct_passwd, *argv: str) -> list[str]:
-        env = {
-            "PATH": f"{client_bin}:/usr/bin:/bin",
-            "HOME": user.pw_dir,
-            "IOSEA_WF_URL": service,
-            "LANG": "C.UTF-8",
-        }
-        return ["runuser", "-u", user.pw_name, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
-                str(client_bin / "iosea-wf"), *argv]  # fmt: skip
-
-    def run(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            command(user, *argv), cwd=user.pw_dir, capture_output=True, text=True, timeout=120
-        )
-
-    run.command = command
-    return run
 
 
 def _wdf_of(user: pwd.struct_passwd, text: str = WDF, name: str = "wdf.yaml") -> str:
@@ -212,7 +133,9 @@ def test_eight_users_starting_two_sessions_each_at_once_are_all_recorded_and_sto
     try:
         for i in range(8):
             name = f"iwf-u{i}-{tag}"
-            subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True)
+            subprocess.run(
+                ["useradd", "-m", "-u", fresh_uid(), "-s", "/bin/sh", name], check=True, capture_output=True
+            )
             crowd.append(pwd.getpwnam(name))
         wdfs = {u.pw_name: _wdf_of(u) for u in crowd}
         starts = [
@@ -269,3 +192,71 @@ def test_a_service_on_alices_namespace_is_hers_alone(users, as_user):
     stopped = as_user(alice, "stop", "SESSION=nfs", "--json")
     assert stopped.returncode == 0, stopped.stderr
     assert [s["state"] for s in json.loads(stopped.stdout)["services"]] == ["STOPPED"]
+
+
+def test_stop_force_cancels_as_the_user_with_their_token_never_as_the_service(users, as_user):
+    """Issue 14: through the service, `stop --force` cancelled a user's jobs as root, with no token
+    of theirs. Without the user's token it now cancels nothing (exit 8); with it, the jobs end."""
+    if not SUBMITS_AS_CALLER:
+        return
+    alice, _ = users
+    Path(alice.pw_dir, "job.sh").write_text("#!/bin/sh\nsleep 600\n")
+    os.chown(Path(alice.pw_dir, "job.sh"), alice.pw_uid, alice.pw_gid)
+    assert as_user(alice, "start", f"WORKFLOW={_wdf_of(alice)}", "SESSION=forced").returncode == 0
+    try:
+        ran = as_user(alice, "run", "SESSION=forced", "STEP=step1", "--json")
+        assert ran.returncode == 0, ran.stderr
+        job = json.loads(ran.stdout)["job_id"]
+        # A client whose `scontrol token` fails sends no token: the service must not cancel as root.
+        argv = as_user.command(alice, "stop", "SESSION=forced", "--force")
+        argv.insert(argv.index("-i") + 1, "SLURM_CONF=/nonexistent/slurm.conf")
+        tokenless = subprocess.run(argv, cwd=alice.pw_dir, capture_output=True, text=True, timeout=60)
+        assert tokenless.returncode == 8, (tokenless.returncode, tokenless.stderr)
+        assert f"no Slurm token of user {alice.pw_name}" in tokenless.stderr, tokenless.stderr
+        squeue = subprocess.run(["squeue", "-h", "-j", job, "-o", "%u %T"], capture_output=True, text=True)
+        assert squeue.stdout.split() == [alice.pw_name, "RUNNING"] or squeue.stdout.split()[1:] == ["PENDING"]
+    finally:
+        stopped = as_user(alice, "stop", "SESSION=forced", "--force")
+    assert stopped.returncode == 0, stopped.stderr
+    left = subprocess.run(["squeue", "-h", "-u", alice.pw_name], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout
+
+
+# Issue 16, section 3: a service's Slurm allocation is the owner's job, and when an administrator
+# cancels it the service's watch tears the export down by itself (no `status` needed).
+def test_alices_allocation_is_hers_and_its_end_tears_her_service_down(users, as_user):
+    """~10 s (plus the module's venv and service): start as alice; her job holds the flavor's
+    resources; scancel by root -> within 10 s her export no longer answers nfs-ls, status says
+    LOST with why; stop cleans the rest."""
+    alice, _ = users
+    ns = Path(alice.pw_dir, "held")
+    ns.mkdir()
+    (ns / "in.txt").write_text("alice's data\n")
+    for p in (ns, ns / "in.txt"):
+        os.chown(p, alice.pw_uid, alice.pw_gid)
+    wdf = _wdf_of(alice, SERVICE_WDF.format(ns=ns), "held.yaml")
+    started = as_user(alice, "start", f"WORKFLOW={wdf}", "SESSION=held", "--json")
+    assert started.returncode == 0, started.stderr
+    try:
+        svc = json.loads(started.stdout)["services"][0]
+        info = job_info(svc["allocation"])
+        assert info["UserId"] == f"{alice.pw_name}({alice.pw_uid})", info
+        assert info["JobName"] == "iosea.held.svc.es1" and info["JobState"] == "RUNNING", info
+        assert info["NumCPUs"] == "2" and info["MinMemoryNode"] == "5000M", info  # flavor small
+        assert "in.txt" in nfs_list(svc["url"]).stdout
+
+        subprocess.run(["scancel", svc["allocation"]], check=True, timeout=30)
+        deadline = time.monotonic() + 10
+        while nfs_list(svc["url"]).returncode == 0:
+            assert time.monotonic() < deadline, "the export outlived its allocation by 10 s"
+            time.sleep(0.5)
+        view = json.loads(as_user(alice, "status", "SESSION=held", "--json").stdout)
+        (lost,) = view["services"]
+        assert lost["state"] == "LOST", view
+        assert lost["error"] == f"its Slurm allocation {svc['allocation']} ended: CANCELLED", lost
+        shown = as_user(alice, "status", "SESSION=held").stdout
+        assert svc["allocation"] in shown and "ended: CANCELLED" in shown, shown
+    finally:
+        stopped = as_user(alice, "stop", "SESSION=held")
+    assert stopped.returncode == 0, stopped.stderr
+    assert slurm.job_states([svc["allocation"]])[svc["allocation"]].state == "CANCELLED"

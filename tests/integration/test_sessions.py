@@ -156,7 +156,8 @@ def test_kill_during_start_then_stop_leaves_nothing(cli_env, iosea_proc, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     listed = json.loads(iosea_proc("list", "--json").stdout)["sessions"]
-    assert listed and listed[0]["state"] in ("STARTING", "ACTIVE")
+    # Its start is dead: shown INTERRUPTED, never STARTING forever (issue 14).
+    assert listed and listed[0]["state"] in ("INTERRUPTED", "ACTIVE")
     r = iosea_proc("stop", "SESSION=killed")
     assert r.returncode == 0, r.stderr
     assert not _allocations(state_dir)

@@ -61,6 +61,13 @@ def _slurm_jobs(session: str) -> dict[str, tuple[str, str]]:
     return jobs
 
 
+def _allocations(iosea_proc, session: str) -> set[str]:
+    """Job ids of the Slurm allocations the session's services record (iosea.SESSION.svc.SERVICE)."""
+    r = iosea_proc("status", f"SESSION={session}", "--json")
+    assert r.returncode == 0, r.stderr
+    return {s["allocation"] for s in json.loads(r.stdout)["services"] if s.get("allocation")}
+
+
 def _steps(iosea_proc, session: str) -> list[dict]:
     r = iosea_proc("status", f"SESSION={session}", "--json")
     assert r.returncode == 0, r.stderr
@@ -97,7 +104,8 @@ def test_concurrent_run_status_cancel_lose_nothing(race, iosea_proc):
     assert all(store_ids) and len(store_ids) == 20
     # every job Slurm knows for the session belongs to an instance of the store
     known = _slurm_jobs(session)
-    assert set(known) <= store_ids, {j: known[j] for j in set(known) - store_ids}
+    held = _allocations(iosea_proc, session)
+    assert set(known) <= store_ids | held, {j: known[j] for j in set(known) - store_ids - held}
 
     r = iosea_proc("stop", s, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -134,7 +142,7 @@ def test_run_racing_stop_is_refused_or_waited_for(race, iosea_proc, cli_env):
     recorded = json.loads(r.stdout)["steps"]
     store_ids = {i["job_id"] for i in recorded if i["job_id"]}
     known = _slurm_jobs(session)
-    assert set(known) <= store_ids
+    assert set(known) <= store_ids | _allocations(iosea_proc, session)
     assert all(state not in ("PENDING", "RUNNING") for _, state in known.values()), known
     assert all(i["state"] not in ("SUBMITTING", "SUBMITTED", "PENDING", "RUNNING") for i in recorded)
     ok = [json.loads(out) for rc, out, _ in outcomes if rc == 0]
@@ -202,4 +210,4 @@ def test_stop_ends_a_submission_whose_run_was_killed(race, iosea_proc, cli_env, 
     if recorded[0]["state"] == "NOT_SUBMITTED":
         assert "the submitting `run` died" in recorded[0]["reason"]
     else:  # the run recorded its job before it was killed
-        assert set(known) <= {recorded[0]["job_id"]}
+        assert set(known) <= {recorded[0]["job_id"]} | _allocations(iosea_proc, session)

@@ -7,7 +7,7 @@ Jinja code; the code would create a marker file if Ansible ever rendered it.
 from __future__ import annotations
 
 from iosea_wf.orchestrator import run_playbook
-from tests.conftest import LOCAL_SITE
+from tests.sites import LOCAL_SITE
 
 
 def _payloads(marker) -> dict[str, str]:

@@ -10,8 +10,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -25,6 +27,7 @@ from iosea_wf.errors import (
     EXIT_UNAUTHENTICATED,
     EXIT_UNREACHABLE,
     SessionNotFound,
+    SiteError,
     UsageError,
     WDFError,
 )
@@ -56,7 +59,7 @@ steps:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, inprocess_site):
     """A running service: (socket path, state dir, TCP port). The socket's folder is open to all."""
     need_munge()
     folder = Path(tempfile.mkdtemp(prefix="iosea-wf-api-", dir="/tmp"))
@@ -66,18 +69,19 @@ def service(tmp_path_factory):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     try:
-        with running_service(sock, state, "--tcp", f"127.0.0.1:{port}"):
+        # The same site as the in-process side, so that both print the same site path.
+        with running_service(sock, state, "--site", str(inprocess_site), "--tcp", f"127.0.0.1:{port}"):
             yield sock, state, port
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
-def both(service, tmp_path, monkeypatch, capsys):
+def both(service, tmp_path, monkeypatch, capsys, inprocess_site):
     """Run the CLI in-process twice: through the service and alone. both(*argv) -> (svc, local)."""
     sock, *_ = service
     local_state = tmp_path / "local-state"
-    monkeypatch.delenv("IOSEA_WF_SITE", raising=False)
+    monkeypatch.setenv("IOSEA_WF_SITE", str(inprocess_site))
 
     def call(*argv: str):
         results = []
@@ -123,7 +127,13 @@ def test_validate_show_list_status_print_and_exit_as_in_process(both, tmp_path):
         ["list"],
         ["list", "--all", "--json"],
         ["status", "SESSION=nope"],
-        ["status", "SESSION=bad/name"],
+        ["status", "SESSION=bad/na/me"],
+        ["status", "SESSION=someone/nope"],
+        ["share", "SESSION=nope", "USER=nobody"],
+        ["share", "SESSION=nope", "--token", "--expires", "1y"],
+        ["unshare", "SESSION=nope", "USER=nobody"],
+        ["join", "iwfs_" + "x" * 43],
+        ["join", "nope"],
         ["status"],
         ["stop", "SESSION=nope"],
         ["cancel", "SESSION=nope"],
@@ -139,7 +149,42 @@ def test_validate_show_list_status_print_and_exit_as_in_process(both, tmp_path):
         assert svc == local, argv
         assert "Traceback" not in svc[2]
         seen_codes.add(svc[0])
-    assert seen_codes == {0, 2, 4}
+    assert seen_codes == {0, 2, 4, 12}
+
+
+def test_with_json_an_error_is_a_json_object_on_stdout_too_through_the_service_as_in_process(both, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_WDF)
+    cases = [
+        (["validate", f"WORKFLOW={bad}", "--json"], 2),
+        (["validate", "--json"], 2),
+        (["show", "nothing", "--json"], 2),
+        (["start", "SESSION=x", "--json"], 2),
+        (["stop", "SESSION=nope", "--json"], 4),
+        (["run", "SESSION=nope", "STEP=step1", "--json"], 4),
+        (["run", "SESSION=nope", "STEP=step1", "--wait", "--json"], 4),
+        (["access", "SESSION=nope", "--json", "--", "true"], 4),
+        (["cancel", "SESSION=nope", "--json"], 4),
+        (["list", "--json", "--bogus"], 2),
+        (["status", "SESSION=nope", "--json"], 4),
+        (["--json", "status", "SESSION=bad/na/me"], 2),
+        (["serve", "--json", "--bogus"], 2),
+        (["--json"], 2),
+    ]
+    for argv, code in cases:
+        svc, local = both(*argv)
+        assert svc == local, argv
+        assert svc[0] == code, (argv, svc)
+        error = json.loads(svc[1])["error"]
+        assert error["exit_code"] == code and error["message"], (argv, error)
+        assert svc[2].startswith("iosea-wf: error: " + error["message"]), (argv, svc[2])
+    # Without --json, stdout stays empty; an access's own command may have a --json of its own.
+    for argv in (["status", "SESSION=nope"], ["access", "SESSION=nope", "--", "x", "--json"]):
+        svc, local = both(*argv)
+        assert svc == local and svc[0] == 4 and svc[1] == "", (argv, svc)
+    # A WDF's problems come with the error, one per detail.
+    svc, _ = both("validate", f"WORKFLOW={bad}", "NS=/tmp", "--json")
+    assert len(json.loads(svc[1])["error"]["details"]) >= 2
 
 
 def test_a_session_started_listed_and_stopped_through_the_service_reads_as_in_process(
@@ -192,6 +237,29 @@ def test_an_unreachable_service_exits_10_without_traceback(monkeypatch, capsys, 
         assert "cannot be reached" in err and "Traceback" not in err
     monkeypatch.setenv("IOSEA_WF_URL", "ftp://somewhere")
     assert cli.main(["list"]) == 2
+
+
+def test_munged_down_is_exit_10_when_the_service_is_not_there_either_and_11_when_it_is(
+    service, monkeypatch, capsys, tmp_path
+):
+    """Issue 14: with munged down as well, an absent service said "cannot get a MUNGE credential"
+    (exit 11): the client connects first, so the service's absence is told (exit 10)."""
+    sock, *_ = service
+    down = tmp_path / "bin"
+    down.mkdir()
+    (down / "munge").write_text(
+        "#!/bin/sh\n"
+        "echo 'munge: Error: Failed to connect to \"/run/munge/munge.socket.2\": Connection refused' >&2\n"
+        "exit 6\n"
+    )
+    (down / "munge").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{down}:{os.environ['PATH']}")
+    monkeypatch.setenv("IOSEA_WF_URL", f"unix://{tmp_path}/none.sock")
+    assert cli.main(["list"]) == EXIT_UNREACHABLE
+    assert "cannot be reached" in capsys.readouterr().err
+    monkeypatch.setenv("IOSEA_WF_URL", f"unix://{sock}")
+    assert cli.main(["list"]) == 11
+    assert "cannot get a MUNGE credential to prove who you are: munge: Error" in capsys.readouterr().err
 
 
 def _signed(path: str, body: bytes = b"", method: str = "GET", query: bytes = b"") -> str:
@@ -436,3 +504,134 @@ def test_an_access_recorded_over_tcp_keeps_no_pid_that_stop_would_wait_on(servic
     )
     assert {a["token"]: a["pid"] for a in record["accesses"]} == pids  # a partial update keeps the rest
     assert client.stop(local, name)["state"] == "STOPPED"
+
+
+def test_a_request_body_larger_than_the_limit_is_refused_before_it_is_read(service):
+    from iosea_wf.api.limits import MAX_BODY_BYTES
+
+    sock, *_ = service
+    big = b"x" * (MAX_BODY_BYTES + 1)
+    status, body = raw_request(
+        sock, "POST", "/v1/validate", body=big, headers={"Content-Type": "application/json"}
+    )
+    assert status == 413 and body["error"]["exit_code"] == 2 and "larger than" in body["error"]["message"]
+
+    import httpx
+
+    def chunks():  # no Content-Length: the body is streamed, counted as it comes
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b"y" * 65536
+
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://wm") as c:
+        r = c.post("/v1/validate", content=chunks())
+    assert r.status_code == 413 and r.json()["error"]["exit_code"] == 2
+    # A request within the limit still reaches the route (and, with no credential, is refused 401).
+    assert raw_request(sock, "POST", "/v1/validate", body=b"{}")[0] == 401
+
+
+# Modules the read-only commands must never import: Ansible (the service imported it once, at
+# start), and through the service neither the store, the site model, YAML nor httpx (each command
+# is a new process: every import is paid again, every time).
+_HEAVY_EVERYWHERE = {"ansible", "ansible_runner"}
+_HEAVY_THROUGH_SERVICE = _HEAVY_EVERYWHERE | {"tinydb", "voluptuous", "yaml", "jinja2", "httpx"}
+_IMPORTED = """\
+import json, sys
+from iosea_wf import cli
+code = cli.main(sys.argv[1:])
+print(json.dumps([code, sorted({m.split(".")[0] for m in sys.modules})]), file=sys.stderr)
+"""
+
+
+BIN = Path(sys.executable).parent
+
+
+def _imported(env: dict[str, str], cwd: Path, *argv: str) -> tuple[int, set[str]]:
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", _IMPORTED, *argv], env=env, cwd=cwd, capture_output=True, text=True
+    )
+    code, modules = json.loads(done.stderr.strip().splitlines()[-1])
+    return code, set(modules)
+
+
+def test_status_and_list_import_no_ansible_and_through_the_service_nothing_heavy(
+    service, tmp_path, inprocess_site
+):
+    sock, *_ = service
+    (tmp_path / "wf.yaml").write_text(NO_SERVICE_WDF)
+    base = {
+        k: v for k, v in os.environ.items() if k not in ("IOSEA_WF_URL", "IOSEA_WF_HOME", "IOSEA_WF_SITE")
+    }
+    through = {**base, "IOSEA_WF_URL": f"unix://{sock}"}
+    alone = {**base, "IOSEA_WF_HOME": str(tmp_path / "alone"), "IOSEA_WF_SITE": str(inprocess_site)}
+    for env in (through, alone):
+        started = subprocess.run(
+            [str(BIN / "iosea-wf"), "start", "WORKFLOW=wf.yaml", "SESSION=light"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert started.returncode == 0, started.stderr
+    for argv in (["status", "SESSION=light"], ["status", "SESSION=light", "--json"], ["list", "--all"]):
+        code, modules = _imported(through, tmp_path, *argv)
+        assert code == 0 and not modules & _HEAVY_THROUGH_SERVICE, (argv, modules & _HEAVY_THROUGH_SERVICE)
+        code, modules = _imported(alone, tmp_path, *argv)
+        assert code == 0 and not modules & _HEAVY_EVERYWHERE, (argv, modules & _HEAVY_EVERYWHERE)
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [("http://192.0.2.7:8080", True), ("http://wm.example.org:8080", True), ("http://[::1]:8080", False),
+     ("http://127.0.0.1:8080", False), ("http://localhost:8080", False), ("unix:///run/x.sock", False)],
+)  # fmt: skip
+def test_a_slurm_token_is_never_sent_over_plain_tcp_beyond_this_host(url, refused):
+    ctx = client.ServiceContext(url)
+    if refused:
+        with pytest.raises(SiteError, match="never sent in clear"):
+            ctx.call("POST", "/v1/sessions/s/cancel", body={}, slurm_token=True)
+    else:
+        ctx._check_token_channel()
+
+
+def test_what_would_fail_later_is_refused_at_validate_as_in_process(both, tmp_path):
+    """Issue 14: colliding environment stems, names over 64 characters, an abbreviated reserved
+    option: exit 2 with the same problems through the service as in-process."""
+    from tests.unit.test_wdf_catches_later_failures import STEMS_WDF, long_names_wdf
+
+    ns = []
+    for name in ("ns1", "ns2"):
+        (tmp_path / name).mkdir()
+        ns.append(f"{name.upper()}={tmp_path / name}")
+    stems, long_step, abbreviated = tmp_path / "stems.yaml", tmp_path / "long.yaml", tmp_path / "abbr.yaml"
+    stems.write_text(STEMS_WDF)
+    long_step.write_text(long_names_wdf("step"))
+    abbreviated.write_text(NO_SERVICE_WDF.replace("sbatch job.sh", "sbatch --test-on job.sh"))
+    for path, fragment in (
+        (stems, "services 'data-1' and 'data_1' both give the job the variables IOSEA_SERVICE_DATA_1_*"),
+        (long_step, "a name has at most 64 characters, this one 65"),
+        (abbreviated, "cannot give --test-on (that is --test-only)"),
+    ):
+        svc, local = both("validate", f"WORKFLOW={path}", *ns)
+        assert svc == local
+        assert svc[0] == 2 and fragment in svc[2] and "Traceback" not in svc[2]
+
+
+def test_sigterm_stops_the_service_cleanly_exit_0_and_no_socket_left(tmp_path):
+    folder = Path(tempfile.mkdtemp(prefix="iosea-wf-term-", dir="/tmp"))
+    try:
+        sock = folder / "wm.sock"
+        with running_service(sock, folder / "state") as proc:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        assert not sock.exists()
+        assert "terminated" not in sock.with_suffix(".log").read_text()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_an_unusable_step_name_is_exit_2_before_the_session_is_looked_up(both):
+    """Issue 14: `cancel STEP=<300 characters>` said "no such session" (exit 4); a step name no WDF
+    can hold is a usage error, through the service and in-process alike."""
+    svc, local = both("cancel", "SESSION=nosuch", "STEP=" + "a" * 300)
+    assert svc == local
+    assert svc[0] == 2 and "invalid step name" in svc[2] and "at most 64 characters" in svc[2]

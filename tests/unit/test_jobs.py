@@ -98,6 +98,8 @@ def test_step_argv_keeps_user_partition_and_adds_ours():
     assert "--partition=gpu" not in argv
     argv = jobs.step_argv([], partition="gpu", job_name="iosea.s.a.1", cwd="/w", script="/x/step.sh")
     assert "--partition=gpu" in argv and "--job-name=iosea.s.a.1" in argv and argv[-1] == "/x/step.sh"
+    # A #PBS line anywhere in the generated script (from a --wrap's text) would be read by sbatch.
+    assert "--ignore-pbs" in argv
 
 
 def test_service_environment_names():
@@ -155,7 +157,8 @@ def test_step_script_binds_services_read_only(tmp_path):
         pytest.skip("no mount namespaces here")
     assert res.stdout.split() == ["payload", "readonly"], res.stderr
     assert not (ns / "new").exists()
-    assert not any(mnt.iterdir())  # the bind lived only in the job's mount namespace
+    # The bind, and the mountpoint made for it, lived only in the job's mount namespace.
+    assert not mnt.exists() and not mnt.parent.exists()
 
 
 def test_mover_script_is_an_argument_list(tmp_path):
@@ -179,6 +182,14 @@ def test_mover_script_is_an_argument_list(tmp_path):
         ("#SBATCH --job-name=mine", False),  # the command line's --job-name wins
         ("#SBATCH -p gpu --time=5", False),
         ("#SBATCH --time=5 # --wait in a comment", False),
+        # Short options in a cluster, as sbatch reads them (measured with `sbatch -v --test-only`).
+        ("#SBATCH -QW", True),
+        ("#SBATCH -Qa 1-2", True),
+        ("#SBATCH -vvM other", True),
+        ("#SBATCH -p gpu -W", True),
+        ("#SBATCH -J -W", False),  # -W is the job's name
+        ("#SBATCH -QJW", False),  # W is the job's name
+        ("#SBATCH --comment -W", False),
     ],
 )
 def test_step_script_directives_are_checked(tmp_path, directive, refused):

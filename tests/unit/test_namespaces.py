@@ -16,7 +16,7 @@ from iosea_wf.manager import _export_access
 from iosea_wf.permissions import user_may
 from iosea_wf.site import load_site
 from iosea_wf.wdf import load_wdf
-from tests.conftest import LOCAL_SITE
+from tests.sites import LOCAL_SITE
 from tests.unix_users import owned_dir, unix_user
 
 WDF = """\
@@ -178,7 +178,7 @@ def test_user_may_refuses_unknown_users_and_modes(scratch):
     with pytest.raises(SiteError, match="not known"):
         user_may("iwft-nobody-at-all", str(scratch), "r")
     with pytest.raises(ValueError):
-        user_may("root", str(scratch), "x")
+        user_may("root", str(scratch), "rx")
 
 
 def test_the_owner_must_be_allowed_what_the_steps_do(tmp_path, site, user, scratch):
@@ -231,3 +231,24 @@ def _root():
     import pwd
 
     return pwd.getpwuid(0)
+
+
+def test_user_may_run_a_program_only_through_searchable_directories(user, scratch):
+    # What the service checks of its own Python before it submits jobs that run it as the user.
+    top = owned_dir(scratch / "top", _root(), 0o755)
+    (top / "bin").mkdir()
+    program = top / "bin" / "python"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    link = scratch / "venv-python"
+    link.symlink_to(program)
+    assert user_may(user.pw_name, str(link), "x")
+    top.chmod(0o700)  # the target's directory is closed, as /root is to a pyenv Python
+    assert not user_may(user.pw_name, str(link), "x")
+    os.chown(top, 0, user.pw_gid)
+    top.chmod(0o710)  # searchable by the user's group only
+    assert user_may(user.pw_name, str(link), "x")
+    top.chmod(0o755)
+    program.chmod(0o744)  # not executable by others
+    assert not user_may(user.pw_name, str(link), "x")
+    assert not user_may(user.pw_name, str(scratch / "missing"), "x")

@@ -43,11 +43,42 @@ def test_running_jobs_are_live_states_not_recorded_ones():
     changed = steps._apply(
         inst, {"10": JobState("10", "PENDING", reason="Dependency"), "11": JobState("11", "RUNNING")}
     )
-    assert changed is False  # nothing final learned: no store write needed
+    assert changed is True  # new live states: recorded, the last known ones while Slurm is unreachable
     assert inst["state"] is None and inst["live_state"] == "PENDING" and inst["reason"] == "Dependency"
     v = steps.view(inst)
     assert v["state"] == "PENDING"
     assert [m["state"] for m in v["datamovers"]] == ["RUNNING", "SUBMITTED"]
+    # The same answer again learns nothing: a poll writes the store only when something changed.
+    again = {"10": JobState("10", "PENDING", reason="Dependency"), "11": JobState("11", "RUNNING")}
+    assert steps._apply(inst, again) is False
+
+
+def test_a_cancelled_step_is_cancelled_not_skipped():
+    # `cancel` while the step_start mover ran: every job of the instance was asked to cancel.
+    inst = _instance()
+    for entry in [inst, *inst["datamovers"]]:
+        entry["cancelled_at"] = 2000.0
+    states = {j: JobState(j, "CANCELLED", 0, 15) for j in ("10", "11", "12")}
+    assert steps._apply(inst, states) is True
+    v = steps.view(inst)
+    assert v["state"] == "CANCELLED", v
+    assert [m["state"] for m in v["datamovers"]] == ["CANCELLED", "CANCELLED"]
+    # The step answered before its cancel reached it (DependencyNeverSatisfied): not SKIPPED either.
+    inst = _instance()
+    for entry in [inst, *inst["datamovers"]]:
+        entry["cancelled_at"] = 2000.0
+    steps._apply(
+        inst,
+        {
+            "11": JobState("11", "CANCELLED"),
+            "10": JobState("10", "PENDING", reason="DependencyNeverSatisfied"),
+        },
+    )
+    assert inst["state"] is None and not steps.instance_done(inst)
+    # `stop --force` (no cancel recorded): a step whose step_start mover was cancelled, not failed.
+    inst = _instance()
+    steps._apply(inst, {j: JobState(j, "CANCELLED") for j in ("10", "11", "12")})
+    assert inst["state"] == "CANCELLED"
 
 
 def test_final_states_are_recorded_once_with_exit_codes():

@@ -141,3 +141,97 @@ def test_corrupt_store_is_a_clear_error(tmp_path):
         assert "corrupt" in str(exc)
     else:
         raise AssertionError("a corrupt store must raise StoreError")
+
+
+# --- the cache of a long-lived store (the service's) ------------------------------------------
+
+
+def _count_parses(monkeypatch) -> list[int]:
+    """Count how often the store file is parsed."""
+    parses = [0]
+    read = st.AtomicJSONStorage.read
+
+    def counting(self):
+        parses[0] += 1
+        return read(self)
+
+    monkeypatch.setattr(st.AtomicJSONStorage, "read", counting)
+    return parses
+
+
+def _state_writer(state_dir, session_id, state):
+    st.Store(state_dir).update_session(session_id, state=state)
+
+
+def test_a_cached_store_parses_once_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    rec = _record("s1")
+    with st.Store(tmp_path).transaction() as tx:
+        tx.put_session(rec)
+    parses = _count_parses(monkeypatch)
+    cached = st.Store(tmp_path, cache=True)
+    for _ in range(3):
+        assert cached.sessions_of("alice")[0]["state"] == st.ACTIVE
+    assert parses[0] == 1
+    cached.update_session(rec["id"], state=st.STOPPING)  # exclusive: read from the file
+    before = parses[0]
+    assert [cached.sessions_of("alice")[0]["state"] for _ in range(2)] == [st.STOPPING] * 2
+    assert parses[0] == before + 1
+
+
+def test_a_cached_store_sees_writes_by_another_store_and_another_process(tmp_path):
+    rec = _record("s1")
+    cached = st.Store(tmp_path, cache=True)
+    with st.Store(tmp_path).transaction() as tx:
+        tx.put_session(rec)
+    assert cached.sessions_of("alice")[0]["state"] == st.ACTIVE
+    # The same length of state, written at once: the same size, often the same mtime tick.
+    for state in (st.STOPPING, st.STARTING, st.STOPPING):
+        st.Store(tmp_path).update_session(rec["id"], state=state)
+        assert cached.sessions_of("alice")[0]["state"] == state
+    proc = mp.Process(target=_state_writer, args=(tmp_path, rec["id"], st.STOPPED))
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == 0
+    with cached.transaction(shared=True) as tx:
+        assert tx.session("alice", "s1")["state"] == st.STOPPED
+
+
+def test_a_new_write_generation_alone_invalidates_the_cache(tmp_path, monkeypatch):
+    """A new file may have the old one's inode, mtime and size: the writer's generation tells."""
+    with st.Store(tmp_path).transaction() as tx:
+        tx.put_session(_record("s1"))
+    cached = st.Store(tmp_path, cache=True)
+    cached.sessions_of("alice")
+    parses = _count_parses(monkeypatch)
+    cached.sessions_of("alice")
+    assert parses[0] == 0
+    with open(cached.lock_path, "a+") as lock:  # what a writer does before its rename
+        st._new_generation(lock.fileno())
+    cached.sessions_of("alice")
+    assert parses[0] == 1
+
+
+def test_records_from_the_cache_are_copies(tmp_path):
+    with st.Store(tmp_path).transaction() as tx:
+        tx.put_session(_record("s1"))
+    cached = st.Store(tmp_path, cache=True)
+    mine = cached.sessions_of("alice")[0]
+    mine["services"][0]["state"] = "CHANGED"
+    mine["state"] = "CHANGED"
+    with cached.transaction(shared=True) as tx:
+        again = tx.session("alice", "s1")
+    assert again["state"] == st.ACTIVE and again["services"][0]["state"] == "ACTIVE"
+
+
+def test_a_shared_transaction_of_a_cached_store_cannot_write(tmp_path):
+    with st.Store(tmp_path).transaction() as tx:
+        tx.put_session(_record("s1"))
+    cached = st.Store(tmp_path, cache=True)
+    try:
+        with cached.transaction(shared=True) as tx:
+            tx.put_session(_record("s2"))
+    except st.StoreError as exc:
+        assert "read-only" in str(exc)
+    else:
+        raise AssertionError("a write in a shared transaction must raise StoreError")
+    assert [r["name"] for r in st.Store(tmp_path).sessions_of("alice")] == ["s1"]

@@ -204,3 +204,16 @@ def _sleepers(nap: str) -> bool:
         if stat.rsplit(")", 1)[1].split()[0] != "Z" and cmd == f"sleep\0{nap}\0".encode():
             return True
     return False
+
+
+def test_the_server_preloads_what_runs_need_and_a_warm_run_reads_as_a_cold_one(warm):
+    cold = _run(warm, "-e", "word=same")
+    assert _wait(lambda: _up(warm), 30)
+    warm_run = _run(warm, "-e", "word=same")
+    assert len(_served(warm)) == 1
+    logs = "".join(log.read_text() for log in warm["runtime"].glob("*.log"))
+    preloaded = re.search(r"preloaded: (.*)", logs).group(1)
+    assert {"connection/local", "strategy/linear", "inventory/yaml"} <= set(preloaded.split(", ")), preloaded
+    # The collection loader the server set up is the run's: nothing more is said, nothing differs.
+    assert warm_run.returncode == cold.returncode == 0
+    assert warm_run.stdout == cold.stdout and warm_run.stderr == cold.stderr == ""

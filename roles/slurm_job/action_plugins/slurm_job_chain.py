@@ -28,7 +28,8 @@ to each ``sbatch``/``scancel`` on its standard input and into its environment as
 never on a command line, and is never part of the result.
 
 ``report`` (instead of the others): the registered result of a submission whose task had
-``no_log`` and did not fail; this fails with its message, ``sbatch_refused`` and ``cancelled``
+``no_log`` and did not fail. When it submitted, this returns its ``job_ids`` as ``msg`` (what the
+orchestrator reads); otherwise this fails with its message, ``sbatch_refused`` and ``cancelled``
 (none of which can hold the token), so the failure reaches the caller's events.
 """
 
@@ -42,6 +43,11 @@ from ansible.plugins.action import ActionBase
 
 # Reads the token from stdin into the environment of the command that follows (not its argv).
 _WITH_TOKEN = "IFS= read -r SLURM_JWT && export SLURM_JWT && "
+
+# sbatch's input variables that set an option the step command may not give (iosea_wf.jobs
+# RESERVED_OPTIONS), measured with `sbatch -v --test-only` on 22.05: the caller's environment
+# reaches sbatch in-process, so `SBATCH_ARRAY_INX=1-2 iosea-wf run ...` made a job array.
+_RESERVED_ENV = ("SBATCH_ARRAY_INX", "SBATCH_CLUSTERS", "SLURM_CLUSTERS", "SBATCH_WAIT")
 
 # Arguments: pairs of (directory, user). mkdir is atomic, so a directory this shell created is
 # changed (chown -h) before anyone else can touch it (a tier is sticky, like /tmp). One that
@@ -92,7 +98,7 @@ class ActionModule(ActionBase):
     _token = ""
 
     def _sh(self, argv: list[str], cwd: str) -> dict:
-        command = f"cd {shlex.quote(cwd)} && {shlex.join(argv)}"
+        command = f"cd {shlex.quote(cwd)} && unset {' '.join(_RESERVED_ENV)} && {shlex.join(argv)}"
         if not self._token:
             return self._low_level_execute_command(command, sudoable=False)
         return self._low_level_execute_command(
@@ -126,6 +132,9 @@ class ActionModule(ActionBase):
         del tmp
         report = self._task.args.get("report")
         if report is not None:
+            if isinstance(report.get("job_ids"), dict) and not report.get("failed"):
+                result.update(changed=False, msg=report["job_ids"])
+                return result
             result.update(
                 failed=True,
                 msg=str(report.get("msg") or "the submission failed without a message"),
