@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import Interrupted, OrchestrationError
+from .identity import current_user
 from .procs import alive
 from .site import DATA_DIR
 from .warm_playbook import idle_seconds
@@ -233,7 +234,11 @@ def run_playbook(
     env_dir = private_dir / "env"
     env_dir.mkdir(exist_ok=True)
     try:
-        (env_dir / "extravars").write_text(untrusted_extravars(extravars))
+        # Who runs the playbook tells the roles whether a privileged action is done directly or
+        # through the site's privileged helpers (the service's account: iosea_wf/privileged.py).
+        (env_dir / "extravars").write_text(
+            untrusted_extravars({**extravars, "iosea_controller_user": current_user()})
+        )
     except yaml.YAMLError as exc:  # a value that is not data (a bug of the caller, never of a user)
         raise OrchestrationError(f"cannot run the playbook {playbook}: {exc}") from None
     hosts: dict[str, HostOutcome] = {}

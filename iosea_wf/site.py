@@ -198,6 +198,10 @@ _SITE_VARS = vol.Schema(
             msg="required: the directories dataset namespaces may live in (e.g. [/home, /scratch])",
         ): vol.All([str], vol.Length(min=1, msg="list at least one directory")),
         vol.Optional("iosea_nfs_clients"): vol.All([str], vol.Length(min=1)),
+        # The site has the privileged helpers of roles/privileged_helpers (iosea_wf/privileged.py).
+        vol.Optional("iosea_privileged_helpers"): bool,
+        vol.Optional("iosea_privileged_helpers_dir"): vol.All(str, vol.Match(r"^/")),
+        vol.Optional("iosea_wm_account"): vol.All(str, vol.Match(r"^[a-z_][a-z0-9_-]{0,31}$")),
     },
     extra=vol.ALLOW_EXTRA,
 )

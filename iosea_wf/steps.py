@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import jobs, permissions, sharing, slurm
+from . import jobs, permissions, privileged, sharing, slurm
 from . import store as st
 from .errors import (
     Forbidden,
@@ -165,7 +165,7 @@ def plan_run(
             # submission): the movers, which run as the user, write only under it.
             user_dir = os.path.join(tier.path, runner)
             if all(d["path"] != user_dir for d in pipeline["user_dirs"]):
-                pipeline["user_dirs"].append({"path": user_dir, "user": runner})
+                pipeline["user_dirs"].append({"path": user_dir, "user": runner, "tier": dm.target})
             target = os.path.join(user_dir, tier_dir(session), svc["name"])
             label = f"{dm_name}.{svc['name']}"
             script = workdir / f"mover.{label}.sh"
@@ -291,6 +291,18 @@ def submit(ctx, session: dict[str, Any], step: str, cwd: str | None = None) -> d
     from .errors import Interrupted
     from .procs import deferred_interrupts
 
+    site_vars = ctx.site_of(session).variables
+    if pipeline["user_dirs"] and privileged.in_use(site_vars):
+        # Not root: each tier directory of the user is made by the tier-dir helper, as root.
+        try:
+            for d in pipeline["user_dirs"]:
+                privileged.tier_dir(site_vars, d["tier"], d["user"])
+        except OrchestrationError as exc:
+            _mark_not_submitted(ctx, sid, step, instance, f"not submitted: {exc}")
+            raise OrchestrationError(
+                f"step {step} of session {session['name']} was not submitted: {exc}"
+            ) from None
+        pipeline["user_dirs"] = []
     try:
         # Signals wait while the jobs Slurm accepted are recorded (never accepted and unknown);
         # during the playbook they end it (run_playbook), and what reached Slurm is cancelled.
