@@ -224,6 +224,64 @@ def check_directives(directives: list[str], script: str) -> None:
                     break
 
 
+def script_directives(text: str) -> list[str]:
+    """The options of a batch script's #SBATCH lines as ``--name[=value]``, read as sbatch reads them.
+
+    For a job submitted through slurmrestd, which does not read them (iosea_wf.slurm): the same
+    reading as :func:`check_directives` (prefixes, short clusters, values in the next word).
+    """
+    found: list[str] = []
+    for line in _directive_lines(text.splitlines()):
+        try:
+            words = shlex.split(line[len("#SBATCH") :], comments=True)
+        except ValueError:
+            continue
+        i = 0
+        while i < len(words):
+            w = words[i]
+            i += 1
+            if not w.startswith("-") or w == "-":
+                continue
+            if w.startswith("--"):
+                given, eq, value = w[2:].partition("=")
+                try:
+                    name = _resolve(given, line)
+                except UsageError:
+                    continue
+                if SBATCH_OPTIONS[name] == "required" and not eq and i < len(words):
+                    value, eq = words[i], "="
+                    i += 1
+                found.append(f"--{name}={value}" if eq else f"--{name}")
+                continue
+            for j, letter in enumerate(w[1:], start=2):
+                if letter not in SBATCH_SHORT:
+                    break
+                name = SBATCH_SHORT[letter]
+                if letter in _SHORT_WITH_VALUE:
+                    if j < len(w):
+                        found.append(f"--{name}={w[j:]}")
+                    elif i < len(words):
+                        found.append(f"--{name}={words[i]}")
+                        i += 1
+                    break
+                found.append(f"--{name}")
+    return found
+
+
+def _directive_lines(lines) -> list[str]:
+    """The #SBATCH lines at the top of a script's lines (sbatch reads them only there)."""
+    found = []
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if i == 0 and stripped.startswith("#!"):
+            continue
+        if stripped.startswith("#SBATCH"):
+            found.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return found
+
+
 def _refuse_in_script(name: str, spelled: str, line: str, script: str) -> None:
     if name in RESERVED_OPTIONS and name not in _OVERRIDDEN_IN_SCRIPT:
         raise UsageError(
@@ -266,20 +324,11 @@ def service_environment(session: dict[str, Any], attached: list[dict[str, Any]])
 
 def _directives(script: Path) -> list[str]:
     """The #SBATCH lines at the top of a batch script (sbatch reads them only there)."""
-    lines = []
     try:
         with open(script, errors="replace") as fh:
-            for i, line in enumerate(fh):
-                stripped = line.strip()
-                if i == 0 and stripped.startswith("#!"):
-                    continue
-                if stripped.startswith("#SBATCH"):
-                    lines.append(stripped)
-                elif stripped and not stripped.startswith("#"):
-                    break
+            return _directive_lines(fh)
     except OSError as exc:
         raise UsageError(f"cannot read the step's batch script {script}: {exc.strerror}") from None
-    return lines
 
 
 def _interpreter(script: Path) -> list[str]:

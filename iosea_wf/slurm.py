@@ -182,20 +182,28 @@ def job_states(job_ids: list[str]) -> dict[str, JobState]:
 
 @dataclass(frozen=True)
 class OnBehalf:
-    """A user this (root) process acts for, with that user's Slurm token (never shown in a repr)."""
+    """A user this process acts for, with that user's Slurm token (never shown in a repr).
+
+    ``rest``: the slurmrestd socket this (unprivileged) process submits and cancels through, with
+    the token alone; None when it is root and runs Slurm's commands with ``--uid/--gid``.
+    """
 
     user: str
     uid: int
     gid: int
     home: str
     token: str = field(repr=False)
+    rest: str | None = None
 
     def sbatch_options(self) -> list[str]:
         """Options that make root's ``sbatch`` submit the job as the user.
 
         ``--export=NONE``: the job gets the user's own login environment on the node, not the
-        service's (its HOME, PATH, ... would be root's).
+        service's (its HOME, PATH, ... would be root's). Through slurmrestd the token says who
+        submits; ``--export=NONE`` still says which environment the job gets.
         """
+        if self.rest:
+            return ["--export=NONE"]
         return [f"--uid={self.uid}", f"--gid={self.gid}", "--export=NONE"]
 
     def environ(self) -> dict[str, str]:
@@ -213,16 +221,25 @@ def acting_for(user: str, token: str | None) -> OnBehalf | None:
         raise UsageError(f"user {user!r} is unknown on this host: no job can run as them") from None
     if pw.pw_uid == os.geteuid():
         return None
-    if os.geteuid() != 0:
+    rest = rest_socket()
+    if os.geteuid() != 0 and rest is None:
         raise SlurmError(
-            f"this process runs as {current_user()}, not root: it cannot submit or cancel jobs for {user}"
+            f"this process runs as {current_user()}, not root, and has no slurmrestd "
+            f"({REST_SOCKET_ENV}): it cannot submit or cancel jobs for {user}"
         )
     if not token:
         raise SlurmError(
             f"no Slurm token of user {user} came with the request: nothing is submitted or cancelled "
             "for them (the CLI gets one with `scontrol token` run as the user)"
         )
-    return OnBehalf(user=user, uid=pw.pw_uid, gid=pw.pw_gid, home=pw.pw_dir, token=token)
+    return OnBehalf(
+        user=user,
+        uid=pw.pw_uid,
+        gid=pw.pw_gid,
+        home=pw.pw_dir,
+        token=token,
+        rest=rest if os.geteuid() != 0 else None,
+    )
 
 
 @contextlib.contextmanager
@@ -258,6 +275,10 @@ def cancel(job_ids: list[str], on_behalf: OnBehalf | None = None) -> None:
     cancels as the user, with the user's rights, not root's.
     """
     ids = [str(j) for j in job_ids if j]
+    if ids and on_behalf is not None and on_behalf.rest:
+        for job_id in ids:
+            rest_cancel(on_behalf, job_id)
+        return
     if ids:
         env = on_behalf.environ() if on_behalf else None
         proc = _run(["scancel", *ids], check=False, env=env)
@@ -391,6 +412,15 @@ def submit_allocation(
         "--chdir=/",
         "--wrap=exec sleep infinity",
     ]
+    if on_behalf is not None and on_behalf.rest:
+        try:
+            return rest_submit(on_behalf, argv)
+        except SlurmError as exc:
+            if any(text in str(exc) for text in _NEVER_FITS):
+                raise ResourcesUnavailable(
+                    f"Slurm refuses the allocation {name} ({cores} cores, {memory_mb} MB on {node}): {exc}"
+                ) from None
+            raise
     # In a session of its own: a Ctrl-C at the terminal never cuts sbatch between Slurm's accepting
     # the job and its printing the id (the caller defers the interrupt until the id is recorded).
     proc = _run(argv, check=False, env=on_behalf.environ() if on_behalf else None, own_session=True)
@@ -405,3 +435,223 @@ def submit_allocation(
     if not job_id.isdigit():
         raise SlurmError(f"sbatch gave no job id for {name}: {proc.stdout.strip()!r}")
     return job_id
+
+
+# --- slurmrestd: how a Workflow Manager that is not root submits and cancels for a user ----------
+#
+# The service's account holds no power over users' jobs: it hands each request to slurmrestd (run
+# under its own account on a Unix socket only that account's group reaches, roles/slurmrestd) with
+# the user's name and the user's own token (X-SLURM-USER-NAME, X-SLURM-USER-TOKEN); Slurm checks
+# the token, and without a valid one of that user nothing is submitted or cancelled. The job is
+# described by the same sbatch argument list as for root's sbatch (iosea_wf.jobs builds it), read
+# here into the v0.0.38 job fields; the batch script's own #SBATCH lines, which slurmrestd does not
+# read, are read the same way (the command line wins). The token is a header of one request: never
+# logged, never stored.
+
+REST_SOCKET_ENV = "IOSEA_WF_SLURMRESTD"
+REST_VERSION = "v0.0.38"
+# The environment a job asked for with --export=NONE starts from (slurmd adds the user's login
+# environment: HOME, SHELL, USER, ... as for root's `sbatch --export=NONE`).
+_LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
+
+
+def rest_socket() -> str | None:
+    """The slurmrestd socket this process submits through (``IOSEA_WF_SLURMRESTD=unix:///PATH``), or None."""
+    url = os.environ.get(REST_SOCKET_ENV, "")
+    return url[len("unix://") :] if url.startswith("unix:///") else None
+
+
+def _minutes(value: str) -> int:
+    """sbatch's --time (``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``) in whole minutes."""
+    days, _, rest = value.rpartition("-") if "-" in value else ("0", "", value)
+    parts = [int(p) for p in rest.split(":")]
+    if days != "0" or "-" in value:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    else:
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    return int(days or 0) * 1440 + hours * 60 + minutes + (1 if seconds else 0)
+
+
+def _megabytes(value: str) -> int:
+    """sbatch's --mem (``100``, ``100M``, ``2G``, ``1T``) in MB."""
+    unit = value[-1:].upper()
+    scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+    return int(float(value[:-1]) * scale[unit]) if unit in scale else int(value)
+
+
+def _nodes(value: str) -> list[int]:
+    low, _, high = value.partition("-")
+    return [int(low), int(high or low)]
+
+
+# sbatch long option -> (v0.0.38 job field, conversion). Options with no effect on what the job is
+# (parsable, quiet, verbose, ignore-pbs: slurmrestd reads no #PBS line) are dropped.
+_REST_FIELDS = {
+    "job-name": ("name", str), "partition": ("partition", str), "nodelist": ("nodelist", str),
+    "nodes": ("nodes", _nodes), "ntasks": ("tasks", int), "cpus-per-task": ("cpus_per_task", int),
+    "ntasks-per-node": ("tasks_per_node", int), "mem": ("memory_per_node", _megabytes),
+    "mem-per-cpu": ("memory_per_cpu", _megabytes), "output": ("standard_output", str),
+    "error": ("standard_error", str), "input": ("standard_input", str),
+    "chdir": ("current_working_directory", str), "time": ("time_limit", _minutes),
+    "time-min": ("time_minimum", _minutes), "dependency": ("dependency", str),
+    "account": ("account", str), "qos": ("qos", str), "reservation": ("reservation", str),
+    "comment": ("comment", str), "constraint": ("constraints", str), "wckey": ("wckey", str),
+    "licenses": ("licenses", str), "mail-user": ("mail_user", str), "mail-type": ("mail_type", str),
+    "gres": ("gres", str), "gpus": ("gpus", str), "nice": ("nice", int), "signal": ("signal", str),
+    "open-mode": ("open_mode", str), "threads-per-core": ("threads_per_core", int),
+    "distribution": ("distribution", str), "prefer": ("prefer", str),
+}  # fmt: skip
+_REST_FLAGS = {"hold": ("hold", True), "requeue": ("requeue", True), "no-requeue": ("requeue", False)}
+_REST_DROPPED = {"parsable", "quiet", "verbose", "ignore-pbs", "uid", "gid"}
+
+
+def rest_job(argv: list[str], script_text: str | None, on_behalf: OnBehalf) -> tuple[dict, str]:
+    """The v0.0.38 job fields and the script of an ``sbatch`` argument list (as :mod:`jobs` builds it).
+
+    The script's #SBATCH lines are read first, the command line's options then win, as with sbatch.
+    SlurmError names an option that cannot go through slurmrestd.
+    """
+    from .jobs import script_directives
+
+    if not argv or argv[0] != "sbatch":
+        raise SlurmError(f"not an sbatch command: {argv[:1]}")
+    words = [str(w) for w in argv[1:]]
+    options = [w for w in words if w.startswith("--")]
+    rest = [w for w in words if not w.startswith("--")]
+    wrap = next((o.split("=", 1)[1] for o in options if o.startswith("--wrap=")), None)
+    options = [o for o in options if not o.startswith("--wrap=")]
+    if wrap is not None:
+        script = "#!/bin/sh\n" + wrap + "\n"
+    else:
+        if script_text is None or len(rest) != 1:
+            raise SlurmError(f"a job through slurmrestd is one batch script, without arguments: {rest}")
+        script = script_text
+        options = script_directives(script) + options
+    job: dict = {"environment": {"PATH": _LOGIN_PATH}}
+    export_none = False
+    for option in options:
+        name, eq, value = option[2:].partition("=")
+        if name in _REST_DROPPED:
+            continue
+        if name == "export":
+            words = value.split(",")
+            export_none = export_none or "NONE" in words or "ALL" in words
+            for word in words:
+                key, has, val = word.partition("=")
+                if has:
+                    job["environment"][key] = val
+                elif word not in ("NONE", "ALL", ""):
+                    raise SlurmError(
+                        f"--export={value}: {word} would come from the service's environment, not "
+                        "the user's: give it a value (--export=NAME=value)"
+                    )
+            continue
+        if name in _REST_FLAGS:
+            key, flag = _REST_FLAGS[name]
+            job[key] = flag
+            continue
+        if name == "exclusive":
+            job["exclusive"] = value or "exclusive"
+            continue
+        if name not in _REST_FIELDS or not eq:
+            raise SlurmError(f"the sbatch option --{name} cannot be given through slurmrestd")
+        key, convert = _REST_FIELDS[name]
+        try:
+            job[key] = convert(value)
+        except (ValueError, KeyError):
+            raise SlurmError(f"--{name}={value} is not a value iosea-wf can pass to slurmrestd") from None
+    del export_none  # the job always starts from the user's login environment (as --export=NONE)
+    job["get_user_environment"] = "1"
+    # sbatch's own default (slurmrestd has none): slurm-<id>.out in the working directory.
+    job.setdefault("standard_output", "slurm-%j.out")
+    job.setdefault("current_working_directory", on_behalf.home)
+    return job, script
+
+
+def _rest(on_behalf: OnBehalf, method: str, path: str, body: dict | None = None) -> dict:
+    """One request to slurmrestd as ``on_behalf.user`` with their token; its JSON (SlurmError otherwise)."""
+    import httpx
+
+    headers = {"X-SLURM-USER-NAME": on_behalf.user, "X-SLURM-USER-TOKEN": on_behalf.token}
+    try:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=on_behalf.rest), base_url="http://slurmrestd", timeout=_TIMEOUT
+        ) as client:
+            answer = client.request(method, f"/slurm/{REST_VERSION}{path}", json=body, headers=headers)
+    except httpx.HTTPError as exc:
+        raise SlurmUnreachable(f"slurmrestd ({on_behalf.rest}) does not answer: {exc}") from None
+    if answer.status_code in (401, 403):
+        raise SlurmError(
+            f"slurmrestd refused the Slurm token of user {on_behalf.user}: nothing was done for them"
+        )
+    try:
+        data = answer.json()
+    except ValueError:
+        said = answer.text.strip()[:200]
+        raise SlurmError(f"slurmrestd answered HTTP {answer.status_code}: {said}") from None
+    errors = [e for e in data.get("errors") or [] if e.get("error_number", e.get("error_code", 0))]
+    said = "; ".join(str(e.get("description") or e.get("error")) for e in errors)
+    if _NO_CONTROLLER.lower() in said.lower() or "slurm_persist_conn" in said:
+        raise SlurmUnreachable(f"{UNREACHABLE} (slurmrestd: {said})")
+    if "Zero Bytes were transmitted" in said:
+        # What slurmctld's refusal of the request's credential looks like through slurmrestd 22.05.
+        said = f"Slurm did not accept the token as one of user {on_behalf.user} ({said})"
+    data["_errors"] = said
+    return data
+
+
+def rest_submit(on_behalf: OnBehalf, argv: list[str], script_text: str | None = None) -> str:
+    """Submit one job for ``on_behalf`` through slurmrestd; its id (SlurmError with Slurm's words)."""
+    job, script = rest_job(argv, script_text, on_behalf)
+    data = _rest(on_behalf, "POST", "/job/submit", {"job": job, "script": script})
+    job_id = data.get("job_id")
+    if not job_id:
+        raise SlurmError(f"sbatch: error: slurmrestd refused the job: {data['_errors'] or 'no job id'}")
+    return str(job_id)
+
+
+def rest_cancel(on_behalf: OnBehalf, job_id: str) -> None:
+    """Cancel one job as ``on_behalf`` through slurmrestd (a job already gone is fine)."""
+    data = _rest(on_behalf, "DELETE", f"/job/{int(job_id)}")
+    said = data["_errors"]
+    if said and "Invalid job id" not in said and "already" not in said.lower():
+        raise SlurmError(f"scancel {job_id} failed: {said}")
+
+
+def submit_chain(pipeline: dict, on_behalf: OnBehalf) -> dict:
+    """Submit a step's chain (start movers -> step afterok -> stop movers afterok) through slurmrestd.
+
+    The same chain as roles/slurm_job's action builds with sbatch; the ids in the same shape. On a
+    refusal, what was submitted is cancelled and SlurmError raised with Slurm's words.
+    """
+    from pathlib import Path
+
+    def one(entry: dict, after: list[str]) -> str:
+        argv = [str(w) for w in entry["argv"]]
+        if after:
+            argv = argv[:-1] + ["--dependency=afterok:" + ":".join(after)] + argv[-1:]
+        if not any(a.startswith("--chdir=") for a in argv):
+            argv = argv[:-1] + [f"--chdir={pipeline['cwd']}"] + argv[-1:]
+        script = argv[-1]
+        text = None if script.startswith("--wrap") else Path(script).read_text()
+        return rest_submit(on_behalf, argv, text)
+
+    submitted: list[str] = []
+    ids: dict = {"start_movers": [], "step": None, "stop_movers": []}
+    try:
+        for mover in pipeline.get("start_movers") or []:
+            ids["start_movers"].append(one(mover, []))
+            submitted.append(ids["start_movers"][-1])
+        ids["step"] = one(pipeline["step"], ids["start_movers"])
+        submitted.append(ids["step"])
+        for mover in pipeline.get("stop_movers") or []:
+            ids["stop_movers"].append(one(mover, [ids["step"]]))
+            submitted.append(ids["stop_movers"][-1])
+    except BaseException:
+        for job_id in submitted:
+            with contextlib.suppress(SlurmError):
+                rest_cancel(on_behalf, job_id)
+        raise
+    return ids

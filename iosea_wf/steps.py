@@ -26,6 +26,7 @@ from .errors import (
     SessionNotFound,
     SiteError,
     SlurmError,
+    SlurmUnreachable,
 )
 from .sessions import check_step_name  # noqa: F401 (steps' API)
 
@@ -66,8 +67,41 @@ def _instance_dir(
             parent.chmod(mode | 0o011)
     out = d / "out"
     out.mkdir(mode=0o700, exist_ok=True)
-    os.chown(out, who.uid, who.gid, follow_symlinks=False)
+    if os.geteuid() == 0:
+        os.chown(out, who.uid, who.gid, follow_symlinks=False)
+    else:
+        # The service's own account cannot give a directory away: it lets the user in by an ACL
+        # (an owner may set those), and a default ACL keeps what the user's jobs write readable.
+        _let_user_in(out, who.uid)
     return d, out
+
+
+# POSIX ACL as Linux keeps it in system.posix_acl_access/_default: version 2, then (tag, perm, id).
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_NO_ID = 0xFFFFFFFF
+
+
+def _acl(entries: list[tuple[int, int, int]]) -> bytes:
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, i) for t, p, i in sorted(entries))
+
+
+def _let_user_in(directory: Path, uid: int) -> None:
+    """Give user ``uid`` rwx on ``directory`` of ours, and this process read of what it creates there."""
+    me = os.geteuid()
+    os.setxattr(
+        directory,
+        "system.posix_acl_access",
+        _acl([(_ACL_USER_OBJ, 7, _ACL_NO_ID), (_ACL_USER, 7, uid), (_ACL_GROUP_OBJ, 0, _ACL_NO_ID),
+              (_ACL_MASK, 7, _ACL_NO_ID), (_ACL_OTHER, 0, _ACL_NO_ID)]),
+    )  # fmt: skip
+    os.setxattr(
+        directory,
+        "system.posix_acl_default",
+        _acl([(_ACL_USER_OBJ, 7, _ACL_NO_ID), (_ACL_USER, 5, me), (_ACL_GROUP_OBJ, 0, _ACL_NO_ID),
+              (_ACL_MASK, 7, _ACL_NO_ID), (_ACL_OTHER, 0, _ACL_NO_ID)]),
+    )  # fmt: skip
 
 
 def _attached_services(session: dict[str, Any], step_def) -> list[dict[str, Any]]:
@@ -308,18 +342,22 @@ def submit(ctx, session: dict[str, Any], step: str, cwd: str | None = None) -> d
         # during the playbook they end it (run_playbook), and what reached Slurm is cancelled.
         with deferred_interrupts():
             try:
-                with slurm.token_file(who) as token_file:
-                    extravars: dict[str, Any] = {"iosea_pipeline": pipeline}
-                    if token_file:
-                        extravars["iosea_token_file"] = token_file
-                    result = run_playbook(
-                        "step_submit",
-                        site_path=Path(session["site"]),
-                        state_dir=ctx.store.state_dir,
-                        ident=ident,
-                        extravars=extravars,
-                        verbose=ctx.verbose,
-                    )
+                if who is not None and who.rest:
+                    # Not root: slurmrestd submits the same chain with the user's token alone.
+                    result = _submit_through_rest(pipeline, who)
+                else:
+                    with slurm.token_file(who) as token_file:
+                        extravars: dict[str, Any] = {"iosea_pipeline": pipeline}
+                        if token_file:
+                            extravars["iosea_token_file"] = token_file
+                        result = run_playbook(
+                            "step_submit",
+                            site_path=Path(session["site"]),
+                            state_dir=ctx.store.state_dir,
+                            ident=ident,
+                            extravars=extravars,
+                            verbose=ctx.verbose,
+                        )
             except BaseException as exc:
                 # Interrupted or crashed mid-submission: the playbook has ended (run_playbook waits for
                 # it); whatever of the chain reached Slurm is cancelled, then said.
@@ -378,6 +416,23 @@ def submit(ctx, session: dict[str, Any], step: str, cwd: str | None = None) -> d
             f"its jobs ({' '.join(_job_ids(inst))}) were cancelled"
         )
     return inst
+
+
+def _submit_through_rest(pipeline: dict[str, Any], who: slurm.OnBehalf):
+    """The chain submitted through slurmrestd, as a playbook result (one host, its job ids or why not)."""
+    from .orchestrator import HostOutcome, PlaybookResult
+
+    try:
+        ids = slurm.submit_chain(pipeline, who)
+    except SlurmUnreachable:
+        raise
+    except SlurmError as exc:
+        result = PlaybookResult(ident="slurmrestd", status="failed", rc=1, artifacts="", hosts={})
+        result.hosts["slurmrestd"] = HostOutcome(ok=False, message=str(exc), refused_by_slurm=True)
+        return result
+    result = PlaybookResult(ident="slurmrestd", status="successful", rc=0, artifacts="", hosts={})
+    result.hosts["slurmrestd"] = HostOutcome(ok=True, results=ids)
+    return result
 
 
 def _current(tx, session_id: str) -> dict[str, Any]:
@@ -752,7 +807,7 @@ def cancel_jobs(ctx, session: dict[str, Any], ids: list[str], who: slurm.OnBehal
 
     Others' jobs are those of users the session is shared with, cancelled on its owner's word
     (the manager checked it): they are not the owner's in Slurm, so the owner's token cannot
-    end them; the site's service can.
+    end them; the site's service can (as root, or as its account through the cancel-job helper).
     """
     owners: dict[str, str] = {}
     for inst in session.get("steps", []):
@@ -766,7 +821,12 @@ def cancel_jobs(ctx, session: dict[str, Any], ids: list[str], who: slurm.OnBehal
     others = [j for j in ids if j not in mine]
     if mine:
         slurm.cancel(mine, who)
-    if others:
+    site_vars = ctx.site_of(session).variables if others else {}
+    if others and privileged.in_use(site_vars):
+        # The service's account has no power over them: its cancel-job helper ends each (as root).
+        for job_id in others:
+            privileged.cancel_job(site_vars, job_id)
+    elif others:
         slurm.cancel(others)
 
 
