@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+# The slurmrestd the local site runs for the Workflow Manager's account (roles/slurmrestd).
+ACCOUNT_SLURMRESTD = "unix:///run/slurmrestd/slurmrestd.socket"
 
 
 def munge_works() -> bool:
@@ -48,16 +50,43 @@ def _accepts(path: Path) -> bool:
 
 
 @contextmanager
-def running_service(sock: Path, state: Path, *extra: str, log: Path | None = None, bin_dir: Path = BIN):
+def running_service(
+    sock: Path,
+    state: Path,
+    *extra: str,
+    log: Path | None = None,
+    bin_dir: Path = BIN,
+    account: str | None = None,
+):
     """`iosea-wf serve` on ``sock`` with the store in ``state``, stopped (SIGTERM by pid) afterwards.
 
-    ``bin_dir``: the venv it runs from (this one by default).
+    ``bin_dir``: the venv it runs from (this one by default). ``account``: run it as that
+    unprivileged account (setpriv execs, as roles/workflow_manager starts it), with slurmrestd
+    (roles/slurmrestd) for users' jobs and its own home; the socket's and the store's folders are
+    given to it.
     """
     env = {k: v for k, v in os.environ.items() if k not in ("IOSEA_WF_URL", "IOSEA_WF_HOME")}
+    prefix: list[str] = []
+    if account is not None:
+        import pwd
+
+        entry = pwd.getpwnam(account)
+        for folder in (sock.parent, state):
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chown(folder, entry.pw_uid, entry.pw_gid)
+        env = {
+            "PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": entry.pw_dir,
+            "LANG": "C.UTF-8",
+            "IOSEA_WF_SLURMRESTD": ACCOUNT_SLURMRESTD,
+            **({"IOSEA_WF_SITE": os.environ["IOSEA_WF_SITE"]} if "IOSEA_WF_SITE" in os.environ else {}),
+        }
+        prefix = ["setpriv", f"--reuid={account}", f"--regid={account}", "--init-groups"]
     log = log or sock.with_suffix(".log")
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [str(bin_dir / "iosea-wf"), "serve", "--socket", str(sock), "--state-dir", str(state), *extra],
+            [*prefix, str(bin_dir / "iosea-wf"), "serve", "--socket", str(sock), "--state-dir", str(state)]
+            + list(extra),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

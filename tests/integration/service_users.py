@@ -77,6 +77,11 @@ def client_bin():
         shutil.rmtree(base, ignore_errors=True)
 
 
+# Set (e.g. to iosea-wf) to run the tests' service as the site's unprivileged account, as the local
+# site's role does with iosea_wm_run_as_account: the same tests then prove the account's service.
+SERVICE_ACCOUNT = os.environ.get("IOSEA_WF_TEST_SERVICE_ACCOUNT") or None
+
+
 @pytest.fixture(scope="module")
 def service(user_venv):
     """The service, its socket in a folder every user can reach: unix:// URL."""
@@ -84,7 +89,8 @@ def service(user_venv):
     folder = Path(tempfile.mkdtemp(prefix="iosea-wf-wm-", dir="/tmp"))
     folder.chmod(0o755)
     try:
-        with running_service(folder / "wm.sock", folder / "state", bin_dir=user_venv):
+        sock, state = folder / "wm.sock", folder / "state"
+        with running_service(sock, state, bin_dir=user_venv, account=SERVICE_ACCOUNT):
             yield f"unix://{folder / 'wm.sock'}"
     finally:
         shutil.rmtree(folder, ignore_errors=True)

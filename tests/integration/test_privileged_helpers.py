@@ -104,6 +104,11 @@ def test_someone_elses_0700_directory_is_refused(alice):
                       "--path", os.path.join(alice.pw_dir, "ns"), "--owner", bob.pw_name,
                       "--access", "RO", "--preferred-id", "4000")  # fmt: skip
         _refused(done, f"not readable by {bob.pw_name}")
+        asked = [
+            json.loads(helper("may-use", "--user", who.pw_name, "--mode", "r", "--path", done_path).stdout)
+            for who, done_path in ((alice, os.path.join(alice.pw_dir, "ns")), (bob, alice.pw_dir))
+        ]
+        assert asked == [{"may": True}, {"may": False}]
         _refused(helper("tier-dir", "--tier", "flash", "--user", "root"), "not a user iosea-wf acts for")
 
 
