@@ -31,6 +31,7 @@ from .errors import (
     UsageError,
 )
 from .identity import current_user
+from .permissions import resolve
 from .procs import alive
 from .sessions import SESSION_NAME, check_session_name, session_summary  # noqa: F401 (the manager's API)
 from .site import Site, load_site, site_path
@@ -273,7 +274,7 @@ def _service_record(site: Site, user: str, session: str, session_id: str, servic
     hv = datanode.hostvars
     port, mount_port = hv.get("nfs_ganesha_port"), hv.get("nfs_ganesha_mount_port")
     # The export is of what the namespace resolved to at validation, never of a symlink.
-    namespace = os.path.realpath(service.namespace)
+    namespace = resolve(user, service.namespace)[0]
     return {
         "name": service.name,
         "type": service.type,
@@ -398,7 +399,7 @@ def start(
                 f"session {name!r} already exists for user {ctx.user} (state {existing['state']}); "
                 "stop it first or choose another name"
             )
-        wanted = {os.path.realpath(s.namespace): s.name for s in workflow.services.values()}
+        wanted = {resolve(ctx.user, s.namespace)[0]: s.name for s in workflow.services.values()}
         for other in tx.live_sessions():
             for svc in other.get("services", []):
                 if svc["namespace"] in wanted:

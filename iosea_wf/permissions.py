@@ -64,3 +64,25 @@ def _as_user(uid: int, gid: int, groups: list[int], path: str, flags: int) -> bo
     if code == 2:
         raise SiteError(f"cannot take the identity of uid {uid} to check {path}")
     return code == 0
+
+
+def resolve(user: str, path: str) -> tuple[str, bool]:
+    """(realpath, is a directory) of ``path`` as ``user`` resolves it.
+
+    Root and the user themselves resolve it directly. The Workflow Manager's own account cannot
+    enter a user's 0700 directories: its privileged helper resolves it as the user.
+    """
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise SiteError(f"user {user!r} is not known on this host (getpwnam)") from None
+    if os.geteuid() == 0 or os.geteuid() == entry.pw_uid:
+        real = os.path.realpath(path)
+        return real, os.path.isdir(real)
+    from . import privileged
+
+    try:
+        answer = privileged.call("may-use", ["--user", user, "--mode", "r", "--path", path])
+    except IoseaError as exc:
+        raise SiteError(f"cannot resolve {path} as user {user!r}: {exc}") from None
+    return str(answer.get("realpath") or path), bool(answer.get("is_dir"))

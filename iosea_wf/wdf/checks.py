@@ -13,7 +13,7 @@ from typing import Any
 import voluptuous as vol
 
 from ..jobs import env_name
-from ..permissions import user_may
+from ..permissions import resolve, user_may
 from ..site import Site
 from .problems import Path, Problems, format_path
 from .schema import one_of, step_service_ref
@@ -271,7 +271,8 @@ def namespaces(data: dict[str, Any], site: Site, owner: str, problems: Problems)
             continue
         if any(p.path == format_path(path) for p in problems.found):
             continue  # its syntax is already reported
-        resolved = os.path.realpath(value)
+        # As the owner sees it: the service's own account could not enter a 0700 home.
+        resolved, is_dir = resolve(owner, value)
         shown = value if resolved == os.path.normpath(value) else f"{value} (resolves to {resolved})"
         where = ", ".join(roots) or "(none: the site sets no iosea_namespace_roots)"
         if not any(resolved != r and os.path.commonpath([resolved, r]) == r for r in roots):
@@ -281,7 +282,7 @@ def namespaces(data: dict[str, Any], site: Site, owner: str, problems: Problems)
                 f"an existing directory below one of {where}",
             )
             continue
-        if not os.path.isdir(resolved):
+        if not is_dir:
             problems.add(
                 path,
                 f"namespace {shown} is not an existing directory",

@@ -99,6 +99,32 @@ def user_may(entry, path, flags):
     return os.waitstatus_to_exitcode(status) == 0
 
 
+def seen_by(entry, path):
+    """(realpath, is a directory) of ``path`` as the user of passwd ``entry`` resolves it (in a child)."""
+    groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups(groups)
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            real = os.path.realpath(path)
+            os.write(write_end, json.dumps([real, os.path.isdir(real)]).encode())
+            os._exit(0)
+        except BaseException:
+            os._exit(3)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as handle:
+        said = handle.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError(f"cannot resolve {path} as {entry.pw_name}")
+    real, is_dir = json.loads(said)
+    return real, is_dir
+
+
 def check_path_text(path, what):
     """An absolute, normalized path without the characters ganesha or a bind mount would misread."""
     if (
