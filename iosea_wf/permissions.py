@@ -35,11 +35,8 @@ def user_may(user: str, path: str, mode: str) -> bool:
         return os.access(path, flags)
     if os.geteuid() != 0:
         # The Workflow Manager's own account: its privileged helper asks the kernel as the user.
-        from . import privileged
-
         try:
-            answer = privileged.call("may-use", ["--user", user, "--mode", mode, "--path", path])
-            return bool(answer.get("may"))
+            return bool(_ask_helper(user, mode, path).get("may"))
         except IoseaError as exc:
             raise SiteError(
                 f"cannot check the permissions of user {user!r} while running as uid {os.geteuid()}: {exc}"
@@ -79,10 +76,31 @@ def resolve(user: str, path: str) -> tuple[str, bool]:
     if os.geteuid() == 0 or os.geteuid() == entry.pw_uid:
         real = os.path.realpath(path)
         return real, os.path.isdir(real)
-    from . import privileged
-
     try:
-        answer = privileged.call("may-use", ["--user", user, "--mode", "r", "--path", path])
+        answer = _ask_helper(user, "r", path)
     except IoseaError as exc:
         raise SiteError(f"cannot resolve {path} as user {user!r}: {exc}") from None
     return str(answer.get("realpath") or path), bool(answer.get("is_dir"))
+
+
+# One request asks the same questions a few times (validation, the service record, the
+# one-namespace check): the helper's answers are kept for a few seconds, not for the next request.
+_ANSWERS: dict[tuple[str, str, str], tuple[float, dict]] = {}
+_ANSWER_TTL = 5.0
+
+
+def _ask_helper(user: str, mode: str, path: str) -> dict:
+    """The may-use helper's answer (as root, for ``user``), kept for :data:`_ANSWER_TTL` seconds."""
+    import time
+
+    from . import privileged
+
+    key, now = (user, mode, path), time.monotonic()
+    kept = _ANSWERS.get(key)
+    if kept and now - kept[0] < _ANSWER_TTL:
+        return kept[1]
+    answer = privileged.call("may-use", ["--user", user, "--mode", mode, "--path", path])
+    if len(_ANSWERS) > 1000:
+        _ANSWERS.clear()
+    _ANSWERS[key] = (now, answer)
+    return answer

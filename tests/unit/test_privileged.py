@@ -118,3 +118,22 @@ def test_every_helper_the_sudoers_rule_names_is_shipped():
         assert path.read_text().startswith("#!/usr/bin/python3 -I\n"), name
         assert os.access(path, os.X_OK), name
     assert sys.version_info >= (3, 11)
+
+
+def test_the_account_asks_the_helper_as_the_user_and_root_asks_itself(monkeypatch, tmp_path):
+    from iosea_wf import permissions
+
+    asked = []
+
+    def fake_call(action, args, **_):
+        asked.append((action, args))
+        return {"may": False, "realpath": "/home/x/real", "is_dir": True}
+
+    monkeypatch.setattr(privileged, "call", fake_call)
+    permissions._ANSWERS.clear()
+    assert permissions.resolve("root", str(tmp_path)) == (str(tmp_path), True)  # root: no helper
+    assert asked == []
+    monkeypatch.setattr(os, "geteuid", lambda: 999)
+    assert permissions.resolve("nobody", "/home/x/link") == ("/home/x/real", True)
+    assert permissions.user_may("nobody", "/home/x/link", "r") is False
+    assert asked == [("may-use", ["--user", "nobody", "--mode", "r", "--path", "/home/x/link"])]  # kept
