@@ -529,7 +529,15 @@ def rest_job(argv: list[str], script_text: str | None, on_behalf: OnBehalf) -> t
             raise SlurmError(f"a job through slurmrestd is one batch script, without arguments: {rest}")
         script = script_text
         options = script_directives(script) + options
-    job: dict = {"environment": {"PATH": _LOGIN_PATH}}
+    # What a login gives, in case slurmd cannot load the user's environment (a nologin shell).
+    job: dict = {
+        "environment": {
+            "PATH": _LOGIN_PATH,
+            "HOME": on_behalf.home,
+            "USER": on_behalf.user,
+            "LOGNAME": on_behalf.user,
+        }
+    }
     export_none = False
     for option in options:
         name, eq, value = option[2:].partition("=")

@@ -93,22 +93,30 @@ def test_nothing_but_the_helpers_runs_as_root():
 
 def test_an_export_outside_the_namespace_roots_is_refused(alice):
     for path in ("/etc", "/var/lib/iosea-wf", "/"):
-        done = helper("export-add", "--datanode", "datanode1", "--key", "k.0123", "--path", path,
-                      "--owner", alice.pw_name, "--access", "RO", "--preferred-id", "4000")  # fmt: skip
+        try:
+            done = helper("export-add", "--datanode", "datanode1", "--key", "k.0123", "--path", path,
+                          "--owner", alice.pw_name, "--access", "RO", "--preferred-id", "4000")  # fmt: skip
+        finally:
+            # Never left behind, even when a broken helper exported it.
+            helper("export-remove", "--datanode", "datanode1", "--key", "k.0123")
         _refused(done, "not below one of the site's namespace roots")
 
 
 def test_someone_elses_0700_directory_is_refused(alice):
     with unix_user() as bob:
-        done = helper("export-add", "--datanode", "datanode1", "--key", "k.0123",
-                      "--path", os.path.join(alice.pw_dir, "ns"), "--owner", bob.pw_name,
-                      "--access", "RO", "--preferred-id", "4000")  # fmt: skip
+        try:
+            done = helper("export-add", "--datanode", "datanode1", "--key", "k.0123",
+                          "--path", os.path.join(alice.pw_dir, "ns"), "--owner", bob.pw_name,
+                          "--access", "RO", "--preferred-id", "4000")  # fmt: skip
+        finally:
+            helper("export-remove", "--datanode", "datanode1", "--key", "k.0123")
         _refused(done, f"not readable by {bob.pw_name}")
         asked = [
             json.loads(helper("may-use", "--user", who.pw_name, "--mode", "r", "--path", done_path).stdout)
             for who, done_path in ((alice, os.path.join(alice.pw_dir, "ns")), (bob, alice.pw_dir))
         ]
-        assert asked == [{"may": True}, {"may": False}]
+        assert [a["may"] for a in asked] == [True, False]
+        assert asked[0]["realpath"] == os.path.join(alice.pw_dir, "ns") and asked[0]["is_dir"]
         _refused(helper("tier-dir", "--tier", "flash", "--user", "root"), "not a user iosea-wf acts for")
 
 

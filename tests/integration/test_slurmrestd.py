@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import stat
 import subprocess
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -131,13 +133,11 @@ def test_with_her_token_the_allocation_is_alices_and_she_alone_cancels_it(user_v
     assert jobs_of(alice)[0][2] == "CANCELLED"
 
 
-def test_a_step_chain_is_submitted_as_alice_with_its_names_dependencies_and_directives(
-    user_venv, alice, tmp_path
-):
-    work = tmp_path / "instance"
-    work.mkdir()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(work, 0o755)
+def test_a_step_chain_is_alices_with_its_names_dependencies_and_directives(user_venv, alice, request):
+    # The service's own directory of the instance's scripts (the account reads them to send them).
+    work = Path(tempfile.mkdtemp(prefix="iosea-wf-rest-", dir="/tmp"))
+    os.chown(work, pwd.getpwnam(ACCOUNT).pw_uid, -1)
+    request.addfinalizer(lambda: shutil.rmtree(work, ignore_errors=True))
     out = os.path.join(alice.pw_dir, "out")
     subprocess.run(["runuser", "-u", alice.pw_name, "--", "mkdir", out], check=True)
     (work / "mover.sh").write_text("#!/bin/bash\necho moved\n")
@@ -157,6 +157,7 @@ def test_a_step_chain_is_submitted_as_alice_with_its_names_dependencies_and_dire
     }  # fmt: skip
     answer = as_account(user_venv, {"what": "chain", "user": alice.pw_name, "token": token_of(alice),
                                     "pipeline": pipeline})  # fmt: skip
+    assert "ok" in answer, answer
     ids = answer["ok"]
     mover, step = ids["start_movers"][0], ids["step"]
     shown = subprocess.run(["scontrol", "show", "job", step], capture_output=True, text=True).stdout
