@@ -83,24 +83,12 @@ def resolve(user: str, path: str) -> tuple[str, bool]:
     return str(answer.get("realpath") or path), bool(answer.get("is_dir"))
 
 
-# One request asks the same questions a few times (validation, the service record, the
-# one-namespace check): the helper's answers are kept for a few seconds, not for the next request.
-_ANSWERS: dict[tuple[str, str, str], tuple[float, dict]] = {}
-_ANSWER_TTL = 5.0
-
 
 def _ask_helper(user: str, mode: str, path: str) -> dict:
-    """The may-use helper's answer (as root, for ``user``), kept for :data:`_ANSWER_TTL` seconds."""
-    import time
+    """The may-use helper's answer (as root, for ``user``): asked anew each time, never kept.
 
+    (A kept answer outlives a chmod: a namespace closed a second ago must be refused now.)
+    """
     from . import privileged
 
-    key, now = (user, mode, path), time.monotonic()
-    kept = _ANSWERS.get(key)
-    if kept and now - kept[0] < _ANSWER_TTL:
-        return kept[1]
-    answer = privileged.call("may-use", ["--user", user, "--mode", mode, "--path", path])
-    if len(_ANSWERS) > 1000:
-        _ANSWERS.clear()
-    _ANSWERS[key] = (now, answer)
-    return answer
+    return privileged.call("may-use", ["--user", user, "--mode", mode, "--path", path])
