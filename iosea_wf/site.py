@@ -266,13 +266,15 @@ def _read_inventory(
         variables = VariableManager(loader=loader, inventory=inventory)
         groups = {name: [h.name for h in g.get_hosts()] for name, g in inventory.groups.items()}
         hostvars = {}
+        defaults = _role_defaults(loader) if reach else {}
         for host in inventory.get_hosts():
             raw = variables.get_vars(host=host, include_hostvars=False)
             hostvars[host.name] = Templar(loader=loader, variables=raw).template(
                 {k: v for k, v in raw.items() if k.startswith(("iosea_", "slurm_", "nfs_"))}
             )
             if reach:
-                hostvars[host.name]["_reach"] = _reach_vars(loader, raw, host.name)
+                in_groups = {g.name for g in host.get_groups()}
+                hostvars[host.name]["_reach"] = _reach_vars(loader, defaults, raw, host.name, in_groups)
         some_host = inventory.get_hosts()[0] if inventory.get_hosts() else None
         raw_all = variables.get_vars(host=some_host, include_hostvars=False) if some_host else {}
         site_vars = Templar(loader=loader, variables=raw_all).template(
@@ -330,17 +332,25 @@ def _role_defaults(loader: Any) -> dict[str, Any]:
     return found
 
 
-def _reach_vars(loader: Any, raw: dict[str, Any], host: str) -> dict[str, Any]:
+def _reach_vars(
+    loader: Any, defaults: dict[str, Any], raw: dict[str, Any], host: str, groups: set[str]
+) -> dict[str, Any]:
     """The connection variables and role settings of one host, each templated on its own.
 
     A variable that cannot be templated outside a play (``ansible_python_interpreter: "{{
     ansible_playbook_python }}"`` on the local site) counts as unset: the check does not need it.
+    Role settings are those of the roles the host's groups run (nfs_ganesha: datanodes only).
     """
     from ansible.errors import AnsibleError
     from ansible.template import Templar
 
-    wanted = [k for names in _ROLE_SETTINGS.values() for k in names]
-    variables = {**_role_defaults(loader), **raw, "inventory_hostname": host}
+    wanted = [
+        k
+        for role, names in _ROLE_SETTINGS.items()
+        if role != "nfs_ganesha" or DATANODES_GROUP in groups
+        for k in names
+    ]
+    variables = {**defaults, **raw, "inventory_hostname": host}
     templar = Templar(loader=loader, variables=variables)
     found: dict[str, Any] = {}
     for key in (*_CONNECTION_VARS, *wanted):
