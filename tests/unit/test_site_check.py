@@ -205,11 +205,12 @@ def test_munge_keys_are_judged_together():
 
 
 def test_clocks_are_judged_against_the_sites_median():
+    # This machine's clock is 100 s behind the site's: the hosts' clocks are judged among themselves.
     outcomes = {
-        "a": _outcome({"time": 1000.05}),
-        "b": _outcome({"time": 1000.15}),
-        "c": _outcome({"time": 1000.05 + site_check.CLOCK_TOLERANCE_S + 1}),
-        "d": _outcome({"time": 1000.05 - 3}),
+        "a": _outcome({"time": 1100.05}),
+        "b": _outcome({"time": 1100.15}),
+        "c": _outcome({"time": 1100.05 + site_check.CLOCK_TOLERANCE_S + 1}),
+        "d": _outcome({"time": 1100.05 - 3}),
         "e": _outcome(error="unreachable"),
     }
     lines = site_check._clock_checks(outcomes)
