@@ -63,6 +63,10 @@ class Check:
     status: str
     detail: str
 
+    def __post_init__(self) -> None:
+        # One line per host and check: a command's multi-line message (sinfo's) is folded.
+        object.__setattr__(self, "detail", " ".join(self.detail.split()))
+
 
 @dataclass
 class Report:
