@@ -291,6 +291,10 @@ def _ssh_probe(host: Host, request: dict[str, Any], timeout: float) -> _Outcome:
     connect_kwargs: dict[str, Any] = {
         "allow_agent": host.key_file is None,
         "look_for_keys": host.key_file is None,
+        # paramiko waits 15 s for a banner and 30 s for authentication by default: a host that
+        # accepts TCP and says nothing must not hold the check past --timeout.
+        "banner_timeout": timeout,
+        "auth_timeout": timeout,
     }
     if host.key_file:
         connect_kwargs["key_filename"] = host.key_file

@@ -325,6 +325,18 @@ def test_workflow_manager_answers_or_not(tmp_path):
     assert line.status == "FAIL" and line.check == "workflow_manager"
 
 
+def test_the_probe_needs_nothing_but_the_standard_library():
+    import ast
+    import sys
+
+    tree = ast.parse(Path(site_probe.__file__).read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {
+        n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0
+    }
+    assert names - {"__future__"} <= sys.stdlib_module_names, names - sys.stdlib_module_names
+
+
 def test_the_remote_command_is_one_absolute_python_and_the_request_one_word(tmp_path):
     _, hosts, _ = load_site_hosts(_twin(tmp_path, SSH_HOSTS))
     request = {"nonce": "ab" * 16, "tiers": [{"name": "t", "path": "/x; rm -rf / $(id) 'q'"}]}
