@@ -25,6 +25,7 @@ Nothing here prints or exits: the CLI prints the :class:`Report`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -279,6 +280,10 @@ def _ssh_probe(host: Host, request: dict[str, Any], timeout: float) -> _Outcome:
     """Probe a host over SSH with fabric, its host key checked (RejectPolicy: unknown or changed refused)."""
 
     from fabric import Config, Connection
+
+    # paramiko logs a failed handshake with its traceback; with no logging configured Python would
+    # print that on stderr. The report's line says what failed.
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
     from paramiko import AuthenticationException, BadHostKeyException, RejectPolicy, SSHException
 
     where = f"{host.user + '@' if host.user else ''}{host.address}:{host.port}"

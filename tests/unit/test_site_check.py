@@ -392,3 +392,21 @@ def test_output_one_line_per_host_and_check_and_exit_13(iosea, monkeypatch):
     assert iosea("site", "check", "--timeout", "0").code == 2
     assert iosea("site").code == 2
     assert "13   site check: at least one check of a host failed" in iosea("--help").out
+
+
+def test_a_host_that_accepts_and_says_nothing_is_given_up_within_the_timeout(tmp_path):
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nobody ever speaks SSH
+        port = silent.getsockname()[1]
+        hosts_yml = SSH_HOSTS.replace("127.0.66.1", "127.0.0.1").replace("2201", str(port))
+        _, hosts, _ = load_site_hosts(
+            _twin(tmp_path, hosts_yml.replace("/etc/iosea/known_hosts", str(known)))
+        )
+        started = time.monotonic()
+        outcome = site_check._ssh_probe(hosts["ctl"], {}, 2)
+        took = time.monotonic() - started
+    assert outcome.error.startswith(f"ssh root@127.0.0.1:{port}: ")
+    assert took < 4, took
