@@ -283,7 +283,9 @@ def _ssh_probe(host: Host, request: dict[str, Any], timeout: float) -> _Outcome:
 
     # paramiko logs a failed handshake with its traceback; with no logging configured Python would
     # print that on stderr. The report's line says what failed.
-    logging.getLogger("paramiko").addHandler(logging.NullHandler())
+    quiet = logging.getLogger("paramiko")
+    if not any(isinstance(h, logging.NullHandler) for h in quiet.handlers):
+        quiet.addHandler(logging.NullHandler())
     from paramiko import AuthenticationException, BadHostKeyException, RejectPolicy, SSHException
 
     where = f"{host.user + '@' if host.user else ''}{host.address}:{host.port}"
