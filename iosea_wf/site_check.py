@@ -219,6 +219,16 @@ def check_site(site_dir: str | os.PathLike | None = None, timeout: float = DEFAU
             report.checks.append(_wm_check(name, url, answer.get("wm"), outcome))
     if wm_here:
         report.checks.append(_wm_check(wm_host or "(this machine)", url, wm_answer, None))
+    elif url and wm_host is None:
+        report.checks.append(
+            Check(
+                "(site)",
+                "workflow_manager",
+                FAIL,
+                f"iosea_wm_url is {url}, a socket of the Workflow Manager's host, but the inventory has "
+                f"no host in its {WM_GROUP} group",
+            )
+        )
     elif not url:
         report.checks.append(
             Check(
