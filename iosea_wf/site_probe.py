@@ -17,6 +17,7 @@ it in another run.
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import http.client
 import json
@@ -150,6 +151,27 @@ def _port_taken(address, port, timeout=0.5):
     return True
 
 
+def _shared_lock(directory, deadline):
+    """A shared flock of the instance (its control script holds it exclusively for every command).
+
+    So the probe never sees an export written whose server is still starting. None (probed
+    without it) when the instance has no lock file or a command holds it past the deadline.
+    """
+    try:
+        fd = os.open(os.path.join(directory, ".lock"), os.O_RDONLY)
+    except OSError:
+        return None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline - 1:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+
+
 def ganesha(request, deadline):
     """This datanode's nfs-ganesha instance: answering (a real NFSv4 listing and a MOUNT call), or idle.
 
@@ -157,6 +179,15 @@ def ganesha(request, deadline):
     datanode without an export has no server to ask, so it is idle, and ready when rpcbind
     answers, ganesha.nfsd is installed and nothing else holds its ports.
     """
+    lock = _shared_lock(request["instance_dir"], deadline)
+    try:
+        return _ganesha(request, deadline)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _ganesha(request, deadline):
     directory = request["instance_dir"]
     address, port, mount_port = request["address"], int(request["port"]), int(request["mount_port"])
     found = {"address": address, "port": port, "mount_port": mount_port}

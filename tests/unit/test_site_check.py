@@ -410,3 +410,25 @@ def test_a_host_that_accepts_and_says_nothing_is_given_up_within_the_timeout(tmp
         took = time.monotonic() - started
     assert outcome.error.startswith(f"ssh root@127.0.0.1:{port}: ")
     assert took < 4, took
+
+
+def test_ganesha_is_probed_under_its_instance_lock(tmp_path):
+    # A control-script command in progress (it holds the instance's lock exclusively) is waited for:
+    # an export written while its server starts is never taken for a server that is down.
+    import fcntl
+
+    port, mount_port = _free_port(), _free_port()
+    instance = _instance(tmp_path, port, mount_port, exports=1)
+    lock = open(instance / ".lock", "a")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)
+
+    def command_ends():
+        time.sleep(0.5)
+        (instance / "exports.d" / "e0.conf").unlink()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+    threading.Thread(target=command_ends).start()
+    ask = {"instance_dir": str(instance), "address": "127.0.0.1", "port": port, "mount_port": mount_port}
+    found = site_probe.ganesha(ask, _soon())
+    assert found["state"] == "idle" and found["exports"] == 0
