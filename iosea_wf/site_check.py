@@ -32,7 +32,6 @@ import secrets
 import shlex
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,15 +183,22 @@ def check_site(site_dir: str | os.PathLike | None = None, timeout: float = DEFAU
             request["run"] = {"slurm": slurm.node_states_argv()}
         requests[name] = request
 
-    with ThreadPoolExecutor(max_workers=max(1, min(32, len(hosts) + 2))) as pool:
-        futures = {name: pool.submit(_probe, host, requests[name], timeout) for name, host in hosts.items()}
-        local_slurm = (
-            pool.submit(_local_node_states, timeout) if controller and hosts[controller].local else None
-        )
-        wm_local = pool.submit(site_probe.workflow_manager, url, timeout) if wm_here else None
-        outcomes = {name: f.result() for name, f in futures.items()}
-        states = local_slurm.result() if local_slurm else None
-        wm_answer = wm_local.result() if wm_local else None
+    calls: dict[str, Any] = {name: (_probe, host, requests[name], timeout) for name, host in hosts.items()}
+    if controller and hosts[controller].local:
+        calls[" slurm"] = (_local_node_states, timeout)
+    if wm_here:
+        calls[" wm"] = (site_probe.workflow_manager, url, timeout)
+    results = _in_parallel(calls)
+    outcomes = {
+        name: _Outcome(error=f"the probe failed: {type(r).__name__}: {r}") if isinstance(r, Exception) else r
+        for name, r in ((name, results[name]) for name in hosts)
+    }
+    states = results.get(" slurm")
+    if isinstance(states, Exception) and not isinstance(states, IoseaError):
+        states = IoseaError(f"asking Slurm failed: {type(states).__name__}: {states}")
+    wm_answer = results.get(" wm")
+    if isinstance(wm_answer, Exception):
+        wm_answer = {"error": f"asking {url} failed: {type(wm_answer).__name__}: {wm_answer}"}
 
     if controller and not hosts[controller].local:
         states = _remote_node_states(outcomes[controller])
@@ -244,6 +250,33 @@ def check_site(site_dir: str | os.PathLike | None = None, timeout: float = DEFAU
 
 # ---------------------------------------------------------------------------------------------
 # probing
+
+
+def _in_parallel(calls: dict[str, tuple]) -> dict[str, Any]:
+    """{name: fn(*args)} of every ``name: (fn, *args)``, all run at once in daemon threads.
+
+    Daemon threads, not a ThreadPoolExecutor: on Ctrl-C the command ends at once (the executor's
+    exit would wait for every SSH probe to time out). Each call handles its own errors.
+    """
+    import threading
+
+    results: dict[str, Any] = {}
+
+    def run(name: str, fn: Any, *args: Any) -> None:
+        try:
+            results[name] = fn(*args)
+        except Exception as exc:  # a bug or an unforeseen library error is that call's failure only
+            results[name] = exc
+
+    threads = [
+        threading.Thread(target=run, args=(name, *call), name=f"site-check {name}", daemon=True)
+        for name, call in calls.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
 
 
 def _probe(host: Host, request: dict[str, Any], timeout: float) -> _Outcome:

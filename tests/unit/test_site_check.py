@@ -432,3 +432,55 @@ def test_ganesha_is_probed_under_its_instance_lock(tmp_path):
     ask = {"instance_dir": str(instance), "address": "127.0.0.1", "port": port, "mount_port": mount_port}
     found = site_probe.ganesha(ask, _soon())
     assert found["state"] == "idle" and found["exports"] == 0
+
+
+def test_ctrl_c_ends_the_check_at_once(tmp_path):
+    # Every host over SSH to a socket that never speaks: without Ctrl-C the check would take --timeout.
+    import signal
+    import subprocess
+    import sys
+
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        reach = f"ansible_host: 127.0.0.1, ansible_port: {port}, iosea_ssh_known_hosts: '{known}'"
+        datanode = (
+            "iosea_datanode_address: 127.0.0.1, iosea_datanode_cores: 8, iosea_datanode_memory_mb: 8000"
+        )
+        datanode += ", iosea_datanode_storage_gb: 100, iosea_datanode_modules: [cpu_module, gpu_module]"
+        site = _twin(
+            tmp_path,
+            "all:\n  children:\n"
+            f"    slurm_controller: {{hosts: {{ctl: {{{reach}}}}}}}\n"
+            "    compute:\n      children:\n"
+            f"        cpu_module: {{hosts: {{c1: {{{reach}}}}}}}\n"
+            f"        gpu_module: {{hosts: {{g1: {{{reach}}}}}}}\n"
+            f"    datanodes: {{hosts: {{d1: {{{reach}, {datanode}}}}}}}\n",
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("IOSEA_WF_URL",)}
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "iosea-wf"),
+                "--site",
+                str(site),
+                "site",
+                "check",
+                "--timeout",
+                "20",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(3)  # past the inventory's reading: the probes wait on the silent socket
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - started
+    assert proc.returncode == 130, err
+    assert took < 2, took
+    assert "iosea-wf: interrupted" in err and "Traceback" not in err
