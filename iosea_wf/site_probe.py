@@ -34,8 +34,9 @@ from urllib.parse import urlsplit
 PROBE_VERSION = 1
 # Standard places of the tools, whatever PATH the remote user's environment has.
 TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# The RPC programs a ganesha serves: NFS (NFSv4 probed by a real listing) and MOUNT v3.
-MOUNT_PROGRAM = "100005"
+# The MOUNT RPC program a ganesha serves on its mount port (NFS itself is probed by a real listing).
+MOUNT_PROGRAM = 100005
+PORTMAPPER_PROGRAM = 100000  # rpcbind, which a ganesha needs to start
 
 
 def _tool(name):
@@ -143,6 +144,45 @@ def _alive(pid, name):
     return state not in ("Z", "X") and name.startswith(comm)
 
 
+_RPC_ACCEPT = {1: "program unavailable", 2: "program version mismatch", 3: "procedure unavailable"}
+
+
+def rpc_null(address, port, program, version, timeout):
+    """Why an ONC RPC NULL call to ``program``/``version`` at ``address:port`` (TCP) fails, or "".
+
+    Sent straight to the port, not through rpcbind: every ganesha of a machine registers with
+    the one rpcbind and unregisters when it stops, so rpcbind's map (and ``rpcinfo -n``, which
+    still consults it) is wrong on a machine with several instances.
+    """
+    import struct
+
+    xid = int.from_bytes(secrets.token_bytes(4), "big")
+    # call: xid, CALL, RPC version 2, program, version, procedure 0 (NULL), AUTH_NONE cred and verifier
+    body = struct.pack(">10I", xid, 0, 2, int(program), int(version), 0, 0, 0, 0, 0)
+    try:
+        with socket.create_connection((address, int(port)), timeout=timeout) as sock:
+            sock.sendall(struct.pack(">I", 0x80000000 | len(body)) + body)
+            reply = b""
+            while len(reply) < 4 + 24:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError as exc:
+        return getattr(exc, "strerror", None) or str(exc)
+    if len(reply) < 4 + 24:
+        return "no RPC reply"
+    got_xid, kind, stat_, _flavor, length = struct.unpack(">5I", reply[4:24])
+    if got_xid != xid or kind != 1:
+        return "not an RPC reply"
+    if stat_ != 0:
+        return "RPC call denied"
+    accept = struct.unpack(">I", reply[24 + length : 28 + length])[0] if len(reply) >= 28 + length else None
+    if accept != 0:
+        return _RPC_ACCEPT.get(accept, f"RPC accept status {accept}")
+    return ""
+
+
 def _port_taken(address, port, timeout=0.5):
     try:
         socket.create_connection((address, int(port)), timeout=timeout).close()
@@ -224,9 +264,9 @@ def _ganesha(request, deadline):
             problems.append(
                 f"nothing answers NFSv4 at {address}:{port} ({why or _said(listed) or 'nfs-ls failed'})"
             )
-        called, why = _run(["rpcinfo", "-n", str(mount_port), "-t", address, MOUNT_PROGRAM, "3"], deadline)
-        if called is None or called.returncode != 0:
-            problems.append(f"nothing answers MOUNT v3 at {address}:{mount_port} ({why or _said(called)})")
+        why = rpc_null(address, mount_port, MOUNT_PROGRAM, 3, min(5.0, _left(deadline)))
+        if why:
+            problems.append(f"nothing answers MOUNT v3 at {address}:{mount_port} ({why})")
         found["state"] = "running"
     elif exports:
         found["state"] = "down"
@@ -237,9 +277,9 @@ def _ganesha(request, deadline):
         found["state"] = "idle"
         if _tool("ganesha.nfsd") is None:
             problems.append("ganesha.nfsd is not installed")
-        mapped, why = _run(["rpcinfo", "-p", "127.0.0.1"], deadline)
-        if mapped is None or mapped.returncode != 0:
-            problems.append(f"rpcbind does not answer ({why or _said(mapped)}): ganesha could not start")
+        why = rpc_null("127.0.0.1", 111, PORTMAPPER_PROGRAM, 4, min(5.0, _left(deadline)))
+        if why:
+            problems.append(f"rpcbind does not answer at 127.0.0.1:111 ({why}): ganesha could not start")
         for which in (port, mount_port):
             if _port_taken(address, which):
                 problems.append(f"another process listens on {address}:{which}: ganesha could not start")

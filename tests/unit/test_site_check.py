@@ -484,3 +484,31 @@ def test_ctrl_c_ends_the_check_at_once(tmp_path):
     assert proc.returncode == 130, err
     assert took < 2, took
     assert "iosea-wf: interrupted" in err and "Traceback" not in err
+
+
+def test_an_rpc_null_call_goes_to_the_port_itself():
+    # A tiny ONC RPC server: accepts program 100005 version 3, answers PROG_UNAVAIL to others.
+    import struct
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve():
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                data = conn.recv(4096)
+                xid, _, _, program, version = struct.unpack(">5I", data[4:24])
+                accept = 0 if (program, version) == (100005, 3) else 1
+                body = struct.pack(">6I", xid, 1, 0, 0, 0, accept)
+                conn.sendall(struct.pack(">I", 0x80000000 | len(body)) + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    port = server.getsockname()[1]
+    try:
+        assert site_probe.rpc_null("127.0.0.1", port, 100005, 3, 2) == ""
+        assert site_probe.rpc_null("127.0.0.1", port, 100003, 4, 2) == "program unavailable"
+    finally:
+        server.close()
+    assert site_probe.rpc_null("127.0.0.1", _free_port(), 100005, 3, 2) == "Connection refused"
