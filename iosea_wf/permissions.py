@@ -83,7 +83,6 @@ def resolve(user: str, path: str) -> tuple[str, bool]:
     return str(answer.get("realpath") or path), bool(answer.get("is_dir"))
 
 
-
 def _ask_helper(user: str, mode: str, path: str) -> dict:
     """The may-use helper's answer (as root, for ``user``): asked anew each time, never kept.
 
