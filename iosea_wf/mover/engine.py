@@ -87,11 +87,13 @@ Integrity argument
 * Resuming: temporaries of dead runs in the target directories are removed first. An element already at the
   target with the source's size and mtime is verified rather than copied again: when the journal
   (:mod:`iosea_wf.mover.journal`, one append per batch of files by each worker) or the record of
-  an earlier copy has it, for ``copy`` the line is trusted only when both sides still have the
-  inode and ctime it recorded (else both are hashed), and for ``move`` the target is re-hashed
-  against the recorded digest before the source is deleted, which the identity checks above then
-  guard as for a fresh copy (a "done" element too: its source is checked against the plan's
-  inode, size, mtime and ctime); without a line both sides are hashed and compared.
+  an earlier copy or move has it, the line is trusted only when both sides still have the inode
+  and ctime it recorded (else both are hashed), for ``copy`` and ``move`` alike: a line says what
+  the target held when it was written, and only the unchanged identities say the source is still
+  what it was compared with (a source rewritten in place since, its size and mtime put back, or a
+  new file of that name, size and mtime, is hashed, never deleted on a line's word). A ``move``
+  then deletes a "done" source as one it copied: after a syncfs, and only if it is still the
+  plan's inode, size, mtime and ctime and not its own copy. Without a line both sides are hashed.
   An element whose target holds anything else (a different file, as its size or hash shows, a
   directory, another symlink) is an error for that element: the target is left as it was and the
   source kept, unless ``replace`` (``--replace``) is given, which copies over it. A target absent
@@ -187,6 +189,8 @@ class TransferResult:
         self.files_total: int = counts.get("files_total", 0)
         self.files_done: int = counts.get("files_done", 0)
         self.files_failed: int = counts.get("files_failed", 0)
+        # neither done nor failed: not reached (cancelled, or stopped: target full, a worker died)
+        self.files_left: int = counts.get("files_left", 0)
         self.bytes_total: int = counts.get("bytes_total", 0)
         self.bytes_done: int = counts.get("bytes_done", 0)
         self.bytes_copied: int = counts.get("bytes_copied", 0)
@@ -301,7 +305,7 @@ class _Transfer:
 
     # -- planning ------------------------------------------------------------------------------
     def scan_target(self, journal: dict) -> list[tuple[Entry, str, str | None]]:
-        """Remove stale temp files and decide, per entry, 'copy', 'verify', 'check' or 'done'.
+        """Remove stale temp files and decide, per entry, 'copy', 'verify' or 'done'.
 
         Raise MoverUsageError when a target directory is one of the source's (another path to it).
         Only temporaries of runs that recorded themselves and are gone are removed.
@@ -361,13 +365,16 @@ class _Transfer:
                     self._occupied(e, work, "something else")
             elif stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns):
                 rec = None if self.verify else journal.get(e.rel)
-                if rec is not None and rec[:2] == (e.size, e.mtime_ns):
-                    if self.move:
-                        work.append((e, "check", rec[2]))
-                    elif len(rec) == 3 or self._record_holds(e, st, rec):
-                        self._already_done(e, work)
-                    else:
-                        work.append((e, "verify", None))
+                # A line is trusted only with both sides still the inodes and ctimes it names, by
+                # a copy and a move alike: a source changed since (or a new one of that name, size
+                # and mtime) is hashed against its target, never deleted on the line's word.
+                if (
+                    rec is not None
+                    and len(rec) == 7
+                    and rec[:2] == (e.size, e.mtime_ns)
+                    and (self._record_holds(e, st, rec))
+                ):
+                    self._already_done(e, work)
                 else:
                     work.append((e, "verify", None))
             elif stat.S_ISREG(st.st_mode) and st.st_size == e.size and not self.replace:
@@ -415,7 +422,8 @@ class _Transfer:
                 try:
                     os.close(dirs.make_dirs(self.target_fd, d))
                 except OSError as e:
-                    self.errors.append(f"{d}/: cannot create the target directory: {e.strerror}")
+                    # Said once here; each file of it then fails in its worker (counted there).
+                    self.run_error(f"{d}/: cannot create the target directory: {e.strerror}")
 
     @staticmethod
     def _record_holds(e: Entry, st: os.stat_result, rec: tuple) -> bool:
@@ -464,12 +472,15 @@ class _Transfer:
         if a is not None:
             files += sum(a[1::_SLOTS]) - sum(a[4::_SLOTS])
             done_bytes += sum(a[2::_SLOTS]) - sum(a[5::_SLOTS])
+        total = len(self.plan.entries) + len(self.plan.errors)
+        failed = len(self.errors) - self.run_errors
         return Snapshot(
             operation=self.operation,
             state=state,
-            files_total=len(self.plan.entries) + len(self.plan.errors),
+            files_total=total,
             files_done=files,
-            files_failed=len(self.errors) - self.run_errors,
+            files_failed=failed,
+            files_left=total - files - failed,
             bytes_total=self.bytes_total,
             bytes_done=done_bytes,
             errors=list(self.errors),
@@ -771,13 +782,16 @@ class _Worker:
         try:
             if d != self.cur_dir:
                 self.enter_dir(d)
+            if action == "done":  # counted done by the scan: kept now means failed instead
+                if self.dir_error is not None:
+                    self.keep(rel, e.size, f"cannot delete it: {self.dir_error.strerror}")
+                else:
+                    self.queue_delete(d, name, e.identity(), e.size)
+                return
             if self.dir_error is not None:
                 raise self.dir_error
-            if action == "done":
-                self.queue_delete(d, name, e.identity(), e.size)
-                return
             if action != "copy":
-                if self.verified_in_place(e, action, recorded):
+                if self.verified_in_place(e):
                     a[i + 1] += e.size
                     a[i + 2] += e.size
                     a[i] += 1
@@ -817,18 +831,15 @@ class _Worker:
                 )
                 # What was copied: the source as fstat saw it once read (a rewrite since changes ctime).
                 identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
-                linked = self.link_others(name, st, digest, recorded) if recorded else ()
-                if self.move:
-                    self.records.append((rel, st.st_size, st.st_mtime_ns, digest.hex()))
-                else:  # what a rerun's quick check compares: both sides' inode and ctime
-                    # taken after the other names were linked (each link sets the copy's ctime)
-                    tst = os.stat(name, dir_fd=self.tdir, follow_symlinks=False)
-                    ids = (st.st_ino, st.st_ctime_ns, tst.st_ino, tst.st_ctime_ns)
-                    self.records.append((rel, st.st_size, st.st_mtime_ns, digest.hex(), *ids))
-                    for od, oname in linked:  # the same two inodes
-                        line = (_join(od, oname), st.st_size, st.st_mtime_ns, digest.hex(), *ids)
-                        self.records.append(line)
-                self.queue_delete(d, name, identity, st.st_size, linked)
+                linked = self.link_others(name, st, recorded) if recorded else ()
+                # What a rerun's quick check compares: both sides' inode and ctime, the copy's
+                # taken after the other names were linked (each link sets its ctime).
+                tst = os.stat(name, dir_fd=self.tdir, follow_symlinks=False)
+                ids = (st.st_ino, st.st_ctime_ns, tst.st_ino, tst.st_ctime_ns)
+                self.records.append((rel, st.st_size, st.st_mtime_ns, digest.hex(), *ids))
+                for od, oname in linked:  # the same two inodes
+                    self.records.append((_join(od, oname), st.st_size, st.st_mtime_ns, digest.hex(), *ids))
+                self.queue_delete(d, name, identity, st.st_size, linked, tst)
             a[i] += 1
             if self.notes:
                 for note in self.notes:
@@ -843,43 +854,45 @@ class _Worker:
                 self.say("F", f"target full ({err.strerror}) while writing {rel}; stopped")
             else:
                 self.fail(rel, err.strerror or str(err))
+                self.fail_links(rel, action, recorded, err.strerror or str(err))
         except filecopy.CopyFailed as err:
             a[i + 1] = before
             self.fail(rel, str(err))
+            self.fail_links(rel, action, recorded, str(err))
+
+    def fail_links(self, rel: str, action: str, others, why: str) -> None:
+        """The other names of a hard-linked file whose copy failed fail too, each said."""
+        if action == "copy" and others:
+            for o in others:
+                self.fail(o.rel, f"not transferred: a hard link of {rel}, whose copy failed ({why})")
 
     def tmp_name(self, name: str) -> str:
         self.seq += 1
         return filecopy.temp_name(name, f"{self.token}{self.seq:x}")
 
-    def verified_in_place(self, e: Entry, action: str, recorded) -> bool:
-        """Return whether the target already holds the source (by hash); queue the source if moving."""
+    def verified_in_place(self, e: Entry) -> bool:
+        """Return whether the target already holds the source (both hashed); queue the source if moving."""
         d, _, name = e.rel.rpartition("/")
         buf, stopping = self.buf, self.stopping
-        if action == "check":
-            size, digest = filecopy.hash_file(name, buf, stopping, self.tdir)
-            ok = size == e.size and digest.hex() == recorded
-        else:
-            # Identities taken before hashing: a change during the hash gives a new ctime, which
-            # the next run's quick check then does not trust.
-            ids = () if self.move else _identities(self.sdir, self.tdir, name)
-            theirs = filecopy.hash_file(name, buf, stopping, self.sdir)
-            ok = theirs == filecopy.hash_file(name, buf, stopping, self.tdir)
-            if ok:
-                # The same bytes, but maybe not the same metadata (another tool's copy, a source
-                # chmod-ed since): the copy gets the source's, as a fresh copy would.
-                changed = not self.move and _identities(self.sdir, self.tdir, name) != ids
-                for note in metadata.refresh(self.sdir, self.tdir, name):
-                    self.say("W", f"{e.rel}: {note}")
-                if self.move:
-                    self.records.append((e.rel, e.size, e.mtime_ns, theirs[1].hex()))
-                elif not changed:  # neither side changed while hashed: record them as they are now
-                    now = _identities(self.sdir, self.tdir, name)
-                    self.records.append((e.rel, e.size, e.mtime_ns, theirs[1].hex(), *now))
+        # Identities taken before hashing: a change during the hash gives a new ctime, which the
+        # next run's quick check then does not trust.
+        ids = _identities(self.sdir, self.tdir, name)
+        theirs = filecopy.hash_file(name, buf, stopping, self.sdir)
+        ok = theirs == filecopy.hash_file(name, buf, stopping, self.tdir)
+        if ok:
+            # The same bytes, but maybe not the same metadata (another tool's copy, a source
+            # chmod-ed since): the copy gets the source's, as a fresh copy would.
+            changed = _identities(self.sdir, self.tdir, name) != ids
+            for note in metadata.refresh(self.sdir, self.tdir, name):
+                self.say("W", f"{e.rel}: {note}")
+            if not changed:  # neither side changed while hashed: record them as they are now
+                now = _identities(self.sdir, self.tdir, name)
+                self.records.append((e.rel, e.size, e.mtime_ns, theirs[1].hex(), *now))
         if ok:
             self.queue_delete(d, name, e.identity(), e.size)
         return ok
 
-    def link_others(self, name: str, st: os.stat_result, digest: bytes, others: list[Entry]) -> tuple:
+    def link_others(self, name: str, st: os.stat_result, others: list[Entry]) -> tuple:
         """Link the other names of a hard-linked source to its copy ``name`` (in this worker's target dir).
 
         Return the (dir, name) of the source links whose target link is in place.
@@ -916,22 +929,28 @@ class _Worker:
             except (OSError, filecopy.CopyFailed) as err:
                 self.fail(o.rel, f"cannot link it to {name}'s copy: {getattr(err, 'strerror', None) or err}")
                 continue
-            if self.move:  # a copy's lines, with identities, are written once all names are linked
-                self.records.append((o.rel, st.st_size, st.st_mtime_ns, digest.hex()))
             self.add_bytes(o.size)
             a[i] += 1
             done.append((od, oname))
         return tuple(done)
 
-    def queue_delete(self, d: str, name: str, identity: tuple, size: int, links: tuple = ()) -> None:
+    def queue_delete(
+        self,
+        d: str,
+        name: str,
+        identity: tuple,
+        size: int,
+        links: tuple = (),
+        copy: os.stat_result | None = None,
+    ) -> None:
         """Queue a verified source for deletion; hand the queue to the deleter once it holds enough bytes.
 
         ``identity`` is (inode, size, mtime, ctime, links) the source must still have when it is deleted;
         ``links`` are the (dir, name) of its other hard links, deleted with it (after one check of
-        all: deleting one link changes the inode's ctime).
+        all: deleting one link changes the inode's ctime). ``copy``: the copy's stat, if taken already.
         """
         if self.move:
-            t = os.stat(name, dir_fd=self.tdir, follow_symlinks=False)
+            t = copy or os.stat(name, dir_fd=self.tdir, follow_symlinks=False)
             self.to_delete.append((d, name, identity, (t.st_dev, t.st_ino), size, links))
             self.delete_bytes += size
             if self.delete_bytes >= _DELETE_EARLY_BYTES:
@@ -1187,6 +1206,11 @@ def transfer(
                 run.tick("cancelled", force=True)
                 return _result(run, "cancelled", None, t0)
             run.target_fd = lock
+            why = dirs.overlap_open(run.source_fd, lock)
+            if why is not None:  # a root swapped since its path was judged
+                msg = f"{why}: refused, nothing was done"
+                _write_failed(reporter, operation, msg)
+                raise MoverUsageError(msg)
             if waited and not cancel.is_set():
                 # The other mover may have moved or changed what this plan holds: plan again.
                 _make_plan(run, patterns, strict, cancel)
@@ -1202,12 +1226,13 @@ def _make_plan(run: _Transfer, patterns: list[str], strict: bool, cancel: thread
     """Resolve the patterns into ``run.plan``, reporting what matched nothing (and, ``strict``, failing)."""
     src, dst, operation, reporter = run.source, run.target, run.operation, run.reporter
     run.errors = []
+    run.run_errors = 0
     try:
         skip = None
         if os.path.isdir(dst):
             tst = os.stat(dst)
             skip = (tst.st_dev, tst.st_ino)
-        run.plan = resolve(src, patterns, skip, cancel.is_set)
+        run.plan = resolve(src, patterns, skip, cancel.is_set, run.source_fd)
     except MoverError as e:
         _write_failed(reporter, operation, str(e))
         raise
@@ -1262,14 +1287,25 @@ def _lock_target(run: _Transfer, dst: str, cancel: threading.Event) -> tuple[int
 
 def _transfer_locked(run: _Transfer, t0: float, cancel: threading.Event) -> TransferResult:
     """The transfer proper, once the target is locked."""
+    # The journal and the run records live in TARGET/.iosea-mover, opened beneath the target's
+    # descriptor without following a symlink: one that is a symlink fails the run, said.
+    run.journal.bind(run.target_fd)
+    try:
+        return _transfer_journalled(run, t0, cancel)
+    finally:
+        run.journal.release()
+
+
+def _transfer_journalled(run: _Transfer, t0: float, cancel: threading.Event) -> TransferResult:
     dst, reporter = run.target, run.reporter
     try:
         journal = run.journal.load()
         run.journal.open()
+        run.runs.dir_fd = run.journal.dir_fd
         run.runs.record()
     except OSError as e:
         code = EXIT_TARGET_FULL if e.errno in filecopy.FULL_ERRNOS else EXIT_FILES_FAILED
-        run.run_error(f"cannot prepare target {dst}: {e.strerror}")
+        run.run_error(f"cannot prepare target {dst}: {_reason(e)}")
         run.tick("failed", force=True)
         return _result(run, "failed", code, t0)
     if not cancel.is_set():
@@ -1313,6 +1349,11 @@ def _transfer_locked(run: _Transfer, t0: float, cancel: threading.Event) -> Tran
     return _result(run, state, code, t0)
 
 
+def _reason(e: OSError) -> str:
+    """An OSError as said to the user: the name it is about (when it has one) and its reason."""
+    return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else e.strerror or str(e)
+
+
 def _result(run: _Transfer, state: str, code: int | None, t0: float) -> TransferResult:
     snap = run.snapshot(state)
     return TransferResult(
@@ -1322,6 +1363,7 @@ def _result(run: _Transfer, state: str, code: int | None, t0: float) -> Transfer
         files_total=snap.files_total,
         files_done=snap.files_done,
         files_failed=snap.files_failed,
+        files_left=snap.files_left,
         bytes_total=snap.bytes_total,
         bytes_done=snap.bytes_done,
         bytes_copied=snap.bytes_done - run.base.bytes - run.verified_bytes(),
@@ -1333,5 +1375,5 @@ def _result(run: _Transfer, state: str, code: int | None, t0: float) -> Transfer
 
 
 def _write_failed(reporter: ProgressReporter, operation: str, message: str) -> None:
-    snap = Snapshot(operation, "failed", 0, 0, 0, 0, 0, [message])
+    snap = Snapshot(operation, "failed", 0, 0, 0, 0, 0, [message], files_left=0)
     reporter.update(snap, force=True)
