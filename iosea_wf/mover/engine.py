@@ -309,12 +309,17 @@ class _Transfer:
 
         Raise MoverUsageError when a target directory is one of the source's (another path to it).
         Only temporaries of runs that recorded themselves and are gone are removed.
+
+        A rerun on an unchanged tree spends its time here (one fstatat per target file through the
+        directory's listing, then the quick check): the common cases are tested first, inline.
         """
-        by_rel = {e.rel: e for e in self.plan.entries}
-        sources = {(e.dev, e.ino) for e in self.plan.entries}
-        existing: dict[str, os.stat_result] = {}
+        entries = self.plan.entries
+        by_rel = {e.rel: e for e in entries}
+        sources = {(e.dev, e.ino) for e in entries}
         dead = self.runs.dead(self.locked)
         removed = 0
+        work: list = []
+        found: set[str] = set()  # entries decided while their directory was listed
         for d in sorted(self.plan.dirs | self.plan.tree_dirs):
             try:
                 fd = dirs.open_dir(self.target_fd, d)
@@ -330,19 +335,9 @@ class _Transfer:
                         f"target directory {_join(self.target, d)} is a directory of the source "
                         "(another path to it): refused, nothing was done"
                     )
-                with os.scandir(fd) as it:
-                    for de in it:
-                        m = TEMP_RE.match(de.name)
-                        if m is not None and m.group(1) in dead:
-                            try:
-                                os.unlink(de.name, dir_fd=fd)
-                                removed += 1
-                            except OSError:
-                                pass
-                            continue
-                        rel = f"{d}/{de.name}" if d else de.name
-                        if rel in by_rel:
-                            existing[rel] = de.stat(follow_symlinks=False)
+                removed += self._scan_dir(
+                    fd, f"{d}/" if d else "", by_rel, sources, dead, journal, work, found
+                )
             except OSError as e:
                 self.warn(f"cannot list target directory {_join(self.target, d)}: {e.strerror}")
             finally:
@@ -350,40 +345,89 @@ class _Transfer:
         if removed:
             self.warn(f"removed {removed} temporary file(s) left by an interrupted run")
         self.runs.forget(dead)
-        work = []
-        for e in self.plan.entries:
-            st = existing.get(e.rel)
-            if st is None:
-                work.append((e, "copy", None))
-            elif (st.st_dev, st.st_ino) in sources:
-                self.errors.append(f"{e.rel}: {SAME_FILE}")
-            elif e.kind == "link":
-                d, _, name = e.rel.rpartition("/")
-                if stat.S_ISLNK(st.st_mode) and self._target_link(d, name) == e.link:
-                    self._already_done(e, work)
-                else:
-                    self._occupied(e, work, "something else")
-            elif stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns):
-                rec = None if self.verify else journal.get(e.rel)
-                # A line is trusted only with both sides still the inodes and ctimes it names, by
-                # a copy and a move alike: a source changed since (or a new one of that name, size
-                # and mtime) is hashed against its target, never deleted on the line's word.
-                if (
-                    rec is not None
-                    and len(rec) == 7
-                    and rec[:2] == (e.size, e.mtime_ns)
-                    and (self._record_holds(e, st, rec))
-                ):
-                    self._already_done(e, work)
-                else:
-                    work.append((e, "verify", None))
-            elif stat.S_ISREG(st.st_mode) and st.st_size == e.size and not self.replace:
-                # Same size, another mtime: the same bytes are fine (hashed), others a conflict.
-                work.append((e, "verify", None))
-            else:
-                kind = "a different file" if stat.S_ISREG(st.st_mode) else "something else"
-                self._occupied(e, work, kind)
+        if len(found) < len(entries):  # absent at the target: to copy
+            work.extend((e, "copy", None) for e in entries if e.rel not in found)
         return self._link_groups(work)
+
+    def _scan_dir(self, fd, prefix, by_rel, sources, dead, journal, work, found) -> int:
+        """Decide the entries of one target directory (open ``fd``) as its listing gives them; remove
+        the temporaries of dead runs in it; return how many were removed.
+
+        Each target file is stat-ed once, through the listing, and dropped once decided: a rerun
+        on an unchanged tree spends most of its time here, so the common case comes first, inline.
+        """
+        removed = 0
+        append, get_line = work.append, (lambda _rel: None) if self.verify else journal.get
+        move, base, S_ISREG = self.move, self.base, stat.S_ISREG
+        with os.scandir(fd) as it:
+            for de in it:
+                name = de.name
+                if name[0] == ".":
+                    m = TEMP_RE.match(name)
+                    if m is not None and m.group(1) in dead:
+                        try:
+                            os.unlink(name, dir_fd=fd)
+                            removed += 1
+                        except OSError:
+                            pass
+                        continue
+                rel = prefix + name
+                e = by_rel.get(rel)
+                if e is None:
+                    continue
+                found.add(rel)
+                st = de.stat(follow_symlinks=False)
+                if (
+                    S_ISREG(st.st_mode)
+                    and e.kind == "file"
+                    and st.st_size == e.size
+                    and st.st_mtime_ns == e.mtime_ns
+                ):
+                    # The quick check: a journal or record line is trusted only with both sides still
+                    # the inodes and ctimes it names (see iosea_wf.mover.journal for why that is
+                    # safe), by a copy and a move alike; a source changed since (or a new one of
+                    # that name, size and mtime) is hashed against its target, never deleted on
+                    # the line's word.
+                    rec = get_line(rel)
+                    if (
+                        rec is not None
+                        and len(rec) == 7
+                        and rec[0] == e.size
+                        and rec[1] == e.mtime_ns
+                        and rec[3] == e.ino
+                        and rec[4] == e.ctime_ns
+                        and rec[5] == st.st_ino
+                        and rec[6] == st.st_ctime_ns
+                        and (st.st_dev, st.st_ino) not in sources
+                    ):
+                        base.files += 1
+                        base.bytes += e.size
+                        if move:  # a worker deletes the source (after syncing the target)
+                            append((e, "done", None))
+                        continue
+                self._decide(e, st, sources, work)
+        return removed
+
+    def _decide(self, e: Entry, st: os.stat_result, sources: set, work: list) -> None:
+        """Decide an entry whose target exists but failed the quick check."""
+        if (st.st_dev, st.st_ino) in sources:
+            self.errors.append(f"{e.rel}: {SAME_FILE}")
+        elif e.kind == "link":
+            d, _, name = e.rel.rpartition("/")
+            if stat.S_ISLNK(st.st_mode) and self._target_link(d, name) == e.link:
+                self._already_done(e, work)
+            else:
+                self._occupied(e, work, "something else")
+        elif (
+            stat.S_ISREG(st.st_mode)
+            and st.st_size == e.size
+            and (st.st_mtime_ns == e.mtime_ns or not self.replace)
+        ):
+            # Same size and mtime without a line to trust, or another mtime: the same bytes are
+            # fine (both hashed), others a conflict.
+            work.append((e, "verify", None))
+        else:
+            self._occupied(e, work, "a different file" if stat.S_ISREG(st.st_mode) else "something else")
 
     @staticmethod
     def _link_groups(work: list) -> list:
@@ -425,13 +469,10 @@ class _Transfer:
                     # Said once here; each file of it then fails in its worker (counted there).
                     self.run_error(f"{d}/: cannot create the target directory: {e.strerror}")
 
-    @staticmethod
-    def _record_holds(e: Entry, st: os.stat_result, rec: tuple) -> bool:
-        """The quick check of a rerun: whether the copy at the target (stat ``st``) and the source
-        (as planned) are the very files, unchanged, that journal or record line ``rec`` says were
-        verified equal: same inode and ctime on both sides (see :mod:`iosea_wf.mover.journal` for
-        why that is safe; size and mtime were compared already)."""
-        return (e.ino, e.ctime_ns, st.st_ino, st.st_ctime_ns) == rec[3:7]
+    # The quick check of a rerun (inline in scan_target): the copy at the target and the source
+    # (as planned) are the very files, unchanged, that a journal or record line says were verified
+    # equal: same size and mtime, and the same inode and ctime on both sides (see
+    # iosea_wf.mover.journal for why that is safe).
 
     def _occupied(self, e: Entry, work: list, what: str) -> None:
         """The target holds something other than the source: replace it only when told to."""

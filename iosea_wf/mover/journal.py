@@ -131,21 +131,24 @@ class Journal:
                 header = json.loads(f.readline() or "{}")
                 if not isinstance(header, dict) or not self._trusted(header):
                     return
-                lines = f.read().splitlines()
+                text = f.read()
         except (OSError, ValueError):
             return
         try:
-            rows = json.loads("[" + ",".join(lines) + "]")  # one parse: ~3x faster than per line
+            # One parse of all lines as one array: ~3x faster than line by line.
+            rows = json.loads("[" + text.rstrip("\n").replace("\n", ",") + "]")
         except ValueError:
             rows = []
-            for line in lines:
+            for line in text.splitlines():
                 with contextlib.suppress(ValueError):
                     rows.append(json.loads(line))  # a torn line (kill -9): that element is re-verified
-        for row in rows:
-            # A file's line names the identities of both sides (the quick check needs them); a
-            # symlink's is [rel, 0, mtime, "link"]. Anything else (an older journal) is ignored.
-            if isinstance(row, list) and (len(row) == 8 or len(row) == 4 and row[3] == "link"):
-                done[row[0]] = tuple(row[1:])
+        # A file's line names the identities of both sides (the quick check needs them); a
+        # symlink's is [rel, 0, mtime, "link"]. Anything else (an older journal) is ignored.
+        done.update(
+            (row[0], tuple(row[1:]))
+            for row in rows
+            if type(row) is list and (len(row) == 8 or len(row) == 4 and row[3] == "link")
+        )
 
     def load(self) -> dict[str, tuple]:
         """Return {rel: (size, mtime_ns, hex[, src_ino, src_ctime_ns, dst_ino, dst_ctime_ns])}:
