@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import platform
 import re
 import stat
 
@@ -24,7 +23,7 @@ _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 # openat2 has one number on every architecture that has it (it came after the syscall tables merged).
-_SYS_OPENAT2 = 437 if platform.machine() in ("x86_64", "aarch64", "riscv64", "ppc64le", "s390x") else None
+_SYS_OPENAT2 = 437 if os.uname().machine in ("x86_64", "aarch64", "riscv64", "ppc64le", "s390x") else None
 _OCTAL = re.compile(rb"\\([0-7]{3})")
 SYMLINK_IN_PATH = "a directory on its path is a symlink (or was swapped for one); not followed"
 

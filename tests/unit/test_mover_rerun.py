@@ -7,10 +7,21 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from iosea_wf.mover import engine
 from tests.unit.mover_helpers import digests, leftovers, make_tree, run_mover, write
 
 RECORD = os.path.join(".iosea-mover", "record.jsonl")
+
+
+@pytest.fixture(autouse=True, params=["one process", "split scan"])
+def scan(request, monkeypatch):
+    """Each test with the target scanned by the mover alone, then shared with a forked child (as
+    trees of 2,000 entries and more are)."""
+    if request.param == "split scan":
+        monkeypatch.setattr(engine, "_SCAN_SPLIT_MIN", 1)
+    return request.param
 
 
 def _tree(tmp_path):
@@ -203,3 +214,15 @@ def test_the_rerun_of_a_move_killed_before_deleting_hashes_nothing_and_loses_not
     assert res.state == "completed", res.errors
     assert (res.bytes_copied, res.bytes_verified) == (0, 0)  # the journal's lines, both sides unchanged
     assert digests(dst) == expected and os.listdir(src) == [] and leftovers(dst) == []
+
+
+def test_a_scanning_child_that_fails_has_its_half_scanned_by_the_mover(tmp_path, monkeypatch, scan):
+    if scan != "split scan":
+        pytest.skip("the split scan only")
+    src, dst = _tree(tmp_path)
+    assert engine.transfer("copy", src, dst, ["*"]).state == "completed"
+    _rewrite_keeping_mtime(os.path.join(src, "notes.txt"))
+    monkeypatch.setattr(engine, "_scan_child", lambda *_args: os._exit(70))
+    again = engine.transfer("copy", src, dst, ["*"])
+    assert again.state == "failed" and again.files_done == again.files_total - 1, again.errors
+    assert [e.split(":")[0] for e in again.errors] == ["notes.txt"] and again.bytes_verified == 0
