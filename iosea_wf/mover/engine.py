@@ -148,7 +148,7 @@ from iosea_wf.mover.errors import (
 )
 from iosea_wf.mover.journal import Journal
 from iosea_wf.mover.patterns import TEMP_RE, Entry, Plan, resolve, split_pattern
-from iosea_wf.mover.progress import MIN_INTERVAL_S, ProgressReporter, Snapshot
+from iosea_wf.mover.progress import ProgressReporter, Snapshot
 from iosea_wf.mover.runs import Runs, new_run_id
 
 OPERATIONS = ("copy", "move")
@@ -157,6 +157,7 @@ _BATCH_BYTES = 16 << 20
 _UNLINK_THREADS = 4  # per worker: unlinks that wait on the disk overlap (measured: 4 workers x 4 best)
 _UNLINK_MIN = 64  # fewer sources than this per thread are not worth a thread
 _DELETE_EARLY_BYTES = 64 << 20  # a worker deletes verified sources during its copies past this
+_POLL_S = 0.05  # how soon the parent relays a cancellation (a signal) to its workers
 _SCAN_SPLIT_MIN = 2000  # entries from which the target scan is shared with a forked process
 _PR_SET_PDEATHSIG = 1
 _SYNC_FILE_RANGE_WRITE = 2
@@ -657,7 +658,7 @@ class _Transfer:
         pending = b""
         try:
             while True:
-                ready, _, _ = select.select([res_r], [], [], MIN_INTERVAL_S)
+                ready, _, _ = select.select([res_r], [], [], _POLL_S)
                 if ready:
                     data = os.read(res_r, 1 << 16)
                     if not data:
@@ -1291,6 +1292,25 @@ def transfer(
     With ``verify``, every element already at the target is hashed on both sides, whatever the
     record of an earlier run says.
     """
+    # The plan and the scan allocate an object or two per file and free nothing cyclic: the
+    # collector's passes over them were ~15 % of a no-op rerun of 20,000 files. Off meanwhile.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _transfer(
+            operation, source, target, patterns, workers, progress_path, strict,
+            fsync=fsync, replace=replace, verify=verify, cancel=cancel, on_message=on_message,
+            on_progress=on_progress,
+        )  # fmt: skip
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _transfer(
+    operation, source, target, patterns, workers, progress_path, strict, *, fsync, replace, verify, cancel,
+    on_message, on_progress,
+) -> TransferResult:  # fmt: skip
     t0 = time.monotonic()
     reporter = ProgressReporter(os.fspath(progress_path) if progress_path is not None else None)
     cancel = cancel or threading.Event()

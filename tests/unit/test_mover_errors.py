@@ -211,11 +211,13 @@ def test_counters_add_up_when_a_source_found_done_cannot_be_deleted(tmp_path):
 
 def test_a_cancelled_run_counts_what_it_left_in_the_progress_file_and_its_last_line(tmp_path):
     src, dst, prog = str(tmp_path / "src"), str(tmp_path / "dst"), str(tmp_path / "p.json")
-    make_tree(src, n_small=20, big_sizes=(32 * MB,) * 4, seed=5)
-    args = ["copy", "--workers", "1", "--source", src, "--target", dst, "--progress", prog, "*"]
+    make_tree(src, n_small=20, big_sizes=(32 * MB,) * 6, seed=5)
+    # --fsync: each large file takes long enough that the signal lands before the last one.
+    args = ["copy", "--fsync", "--workers", "1", "--source", src, "--target", dst, "--progress", prog, "*"]
     proc = subprocess.Popen([MOVER, *args], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while not any(".iosea-tmp-" in p for p in leftovers(dst)):
+    # In the middle of the first large file (the largest go first): the others are left.
+    while not any(".iosea-tmp-" in p and ".big" in p for p in leftovers(dst)):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.0005)
     proc.terminate()
@@ -223,7 +225,7 @@ def test_a_cancelled_run_counts_what_it_left_in_the_progress_file_and_its_last_l
     assert proc.returncode == 143, err
     doc = read_progress(prog)
     _adds_up(doc)
-    assert doc["state"] == "cancelled" and doc["files_left"] > 0, doc
+    assert doc["state"] == "cancelled" and doc["files_left"] > 0, (doc, err)
     left = doc["files_left"]
     assert f"{doc['files_done']}/{doc['files_total']} files done, {left} left" in err, err
     r = run_mover(*args)
