@@ -92,8 +92,6 @@ def test_service_level_datamovers_are_owned_and_planned(tmp_path, site):
         site, workflow, str(SERVICE_MOVERS), "alice", "s1", "f" * 32, placements, 0.0
     )
     record["state"] = "ACTIVE"
-    for service in record["services"]:
-        service["state"] = "ACTIVE"  # as `start` leaves them once provisioned
     ctx = manager.Context(state_dir=str(tmp_path / "state"), user="alice", _site=site)
     (tmp_path / "My_step_B").write_text("#!/bin/sh\ntrue\n")
     instance, pipeline = steps.plan_run(ctx, record, "step_B", str(tmp_path))

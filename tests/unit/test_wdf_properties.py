@@ -126,8 +126,6 @@ def plan_never_crashes(workflow: Workflow, path: Path, site) -> None:
         return
     record = manager.session_record(site, workflow, str(path), "alice", "s1", "0" * 32, placements, 0.0)
     record["state"] = "ACTIVE"
-    for service in record["services"]:
-        service["state"] = "ACTIVE"  # as `start` leaves them once provisioned
     for step in workflow.steps.values():
         cwd.mkdir(exist_ok=True)
         # The one check left to run: the batch script exists where `run` is called.
