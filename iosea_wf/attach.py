@@ -22,7 +22,19 @@ Limits of that case: the ancestor itself appears as the user's tmpfs (its mode i
 owner), entries others create in it during the job are not seen, and ``/`` is never covered. The
 user must be able to list the ancestor.
 
-How a site attaches is its ``iosea_service_attach`` setting (``bind`` or ``env``), not code here.
+With ``--nfs URL:MOUNTPOINT:MODE`` (the site's ``nfs`` method) the job's I/O goes through the
+service's NFS server instead: before any namespace is made, the user's own FUSE NFS client
+(:mod:`iosea_wf.nfsfuse`, as the user, with the setuid ``fusermount3``: inside a user namespace
+it would not help) mounts the export on a private directory the user owns under ``$TMPDIR`` (or
+``/tmp``), read-only for ``RO``; that mount is then bound at the mountpoint in the job's namespace
+like a ``--bind`` source. This process then stays as the job's parent: it forwards SIGTERM, SIGHUP,
+SIGUSR1 and SIGUSR2 to the command, and when the command ends it stops the FUSE client (which
+unmounts), removes the private directory and exits with the command's status. A mount that does
+not appear within the timeout, or a client that exits first (server down, export refusing the
+user), fails the job before its command runs, with the client's reason.
+
+How a site attaches is its ``iosea_service_attach`` setting (``bind``, ``nfs`` or ``env``), not
+code here.
 """
 
 from __future__ import annotations
@@ -30,7 +42,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -167,23 +184,191 @@ def _bind(source: str, target: str, mode: str) -> None:
         _mount(None, target, None, flags)
 
 
+class NfsMount:
+    """The user's FUSE mount of one NFS export, on a private directory outside every namespace."""
+
+    def __init__(self, url: str, mode: str, timeout: float) -> None:
+        self.url = url
+        self.base = tempfile.mkdtemp(prefix="iosea-wf-nfs.")
+        self.path = os.path.join(self.base, "mnt")
+        os.mkdir(self.path, 0o700)
+        self.log = os.path.join(self.base, "client.log")
+        argv = [sys.executable, "-m", "iosea_wf.nfsfuse", url, self.path, "--timeout", str(timeout)]
+        if mode == "ro":
+            argv.append("--ro")
+        with open(self.log, "wb") as log:
+            # Its own session: a terminal's Ctrl-C reaches the command, never the mount under it.
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+
+    def mounted(self) -> bool:
+        """True while the mount is in this process's mount table (read without touching FUSE)."""
+        with open("/proc/self/mountinfo", "rb") as fh:
+            for line in fh:
+                field = line.split(b" ")[4].decode("unicode_escape", errors="replace")
+                if field == self.path:
+                    return True
+        return False
+
+    def reason(self) -> str:
+        """What the client said (its last lines), or its exit status."""
+        try:
+            with open(self.log, errors="replace") as fh:
+                lines = [ln.strip() for ln in fh if ln.strip()]
+        except OSError:
+            lines = []
+        if lines:
+            return " / ".join(lines[-3:])
+        code = self.proc.poll()
+        return f"the NFS client exited with status {code}" if code is not None else "no answer"
+
+    def wait_ready(self, timeout: float) -> None:
+        """Return once mounted; AttachError if the client exits first or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while not self.mounted():
+            if self.proc.poll() is not None:
+                raise AttachError(self.reason())
+            if time.monotonic() > deadline:
+                raise AttachError(f"the export was not mounted within {timeout:g} s ({self.reason()})")
+            time.sleep(0.02)
+
+    def stop(self) -> list[str]:
+        """Stop the client (it unmounts), make sure nothing is left mounted; return what went wrong."""
+        problems = []
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+                problems.append("the NFS client did not stop within 15 s and was killed")
+        if self.mounted():
+            # A client that died leaves its mount for fusermount3's auto_unmount, or for us.
+            for _ in range(50):
+                if not self.mounted():
+                    break
+                time.sleep(0.05)
+            else:
+                done = subprocess.run(
+                    [_fusermount(), "-u", "-z", self.path], capture_output=True, text=True, check=False
+                )
+                if done.returncode != 0 and self.mounted():
+                    problems.append(f"cannot unmount {self.path}: {done.stderr.strip()}")
+        if not self.mounted():
+            shutil.rmtree(self.base, ignore_errors=True)
+        return problems
+
+
+def _fusermount() -> str:
+    return shutil.which("fusermount3") or "/usr/bin/fusermount3"
+
+
+def _run_child(binds: list[tuple[str, str, str]], command: list[str]) -> None:
+    """In the forked child: make the namespaces, attach, map back and exec (never returns)."""
+    try:
+        back = _enter_namespaces()
+    except (OSError, AttachError) as exc:
+        print(f"iosea_wf.attach: cannot make the job's namespaces: {exc}", file=sys.stderr)
+        os._exit(1)
+    for source, target, mode, label in binds:
+        try:
+            _bind(source, target, mode)
+        except (OSError, AttachError) as exc:
+            print(f"iosea_wf.attach: cannot attach {label} at {target}: {exc}", file=sys.stderr)
+            os._exit(1)
+    if back is not None:
+        try:
+            _map_back(*back)
+        except (OSError, AttachError) as exc:
+            print(f"iosea_wf.attach: cannot map the job back to its user: {exc}", file=sys.stderr)
+            os._exit(1)
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        print(f"iosea_wf.attach: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+    os._exit(127)
+
+
+_FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _run_with_mounts(
+    nfs: list[tuple[str, str, str]], binds: list[tuple[str, str, str]], command: list[str], timeout: float
+) -> int:
+    """Mount every NFS export as the user, run the command in its namespaces, then unmount."""
+    mounts: list[NfsMount] = []
+    status = 1
+    try:
+        for url, target, mode in nfs:
+            from .nfsfuse import describe
+
+            where = f"the NFS export {describe(url)}"
+            try:
+                mount = NfsMount(url, mode, timeout)
+            except OSError as exc:
+                print(f"iosea_wf.attach: cannot start the NFS client of {where}: {exc}", file=sys.stderr)
+                return 1
+            mounts.append(mount)
+            try:
+                mount.wait_ready(timeout + 10)
+            except AttachError as exc:
+                print(f"iosea_wf.attach: cannot attach {where} at {target}: {exc}", file=sys.stderr)
+                return 1
+            binds.append((mount.path, target, mode, where))
+        pid = os.fork()
+        if pid == 0:
+            for sig in _FORWARDED:
+                signal.signal(sig, signal.SIG_DFL)
+            _run_child(binds, command)
+
+        def forward(signum, _frame):
+            os.kill(pid, signum)
+
+        for sig in _FORWARDED:
+            signal.signal(sig, forward)
+        # A terminal's Ctrl-C reaches the command itself (same process group): not forwarded twice.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        while True:
+            try:
+                _, raw = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        status = os.waitstatus_to_exitcode(raw)
+        return 128 - status if status < 0 else status
+    finally:
+        for mount in mounts:
+            for problem in mount.stop():
+                print(f"iosea_wf.attach: {problem}", file=sys.stderr)
+                status = status or 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Bind every ``--bind SRC:DST:MODE`` then exec the command after ``--``."""
+    """Bind every ``--bind SRC:DST:MODE``, mount every ``--nfs URL:DST:MODE``, then run the command."""
     parser = argparse.ArgumentParser(prog="iosea_wf.attach", description=__doc__)
     parser.add_argument("--bind", action="append", default=[], metavar="SRC:DST:ro|rw")
+    parser.add_argument("--nfs", action="append", default=[], metavar="URL:DST:ro|rw")
+    parser.add_argument(
+        "--nfs-timeout", type=float, default=30.0, help="seconds an NFS RPC or the mount may wait"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         print("iosea_wf.attach: no command to run", file=sys.stderr)
         return 2
-    binds = [spec.rsplit(":", 2) for spec in args.bind]
+    binds = [(*spec.rsplit(":", 2), spec.rsplit(":", 2)[0]) for spec in args.bind]
+    if args.nfs:
+        nfs = [tuple(spec.rsplit(":", 2)) for spec in args.nfs]
+        return _run_with_mounts(nfs, binds, command, args.nfs_timeout)
     try:
         back = _enter_namespaces() if binds else None
     except (OSError, AttachError) as exc:
         print(f"iosea_wf.attach: cannot make the job's namespaces: {exc}", file=sys.stderr)
         return 1
-    for source, target, mode in binds:
+    for source, target, mode, _label in binds:
         try:
             _bind(source, target, mode)
         except (OSError, AttachError) as exc:
