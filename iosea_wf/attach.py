@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -271,6 +272,14 @@ def _unmount(path: str, lazy: bool) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(argv, 1, "", str(exc))
 
 
+def describe(url: str) -> str:
+    """``host:/path (port N)`` of a service's nfs:// URL, for messages (no query)."""
+    parts = urllib.parse.urlsplit(url)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    port = f" (port {query['nfsport']})" if "nfsport" in query else ""
+    return f"{parts.hostname}:{urllib.parse.unquote(parts.path)}{port}"
+
+
 def _fusermount() -> str:
     return shutil.which("fusermount3") or "/usr/bin/fusermount3"
 
@@ -307,52 +316,52 @@ _FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 def _run_with_mounts(
     nfs: list[tuple[str, str, str]], binds: list[tuple[str, str, str]], command: list[str], timeout: float
 ) -> int:
-    """Mount every NFS export as the user, run the command in its namespaces, then unmount."""
+    """Mount every NFS export as the user, run the command in its namespaces, then unmount.
+
+    Returns the command's exit status (128+N for a signal), or 1 if attaching or cleaning failed.
+    """
     mounts: list[NfsMount] = []
-    status = 1
     try:
-        for url, target, mode in nfs:
-            from .nfsfuse import describe
-
-            where = f"the NFS export {describe(url)}"
-            try:
-                mount = NfsMount(url, mode, timeout)
-            except OSError as exc:
-                print(f"iosea_wf.attach: cannot start the NFS client of {where}: {exc}", file=sys.stderr)
-                return 1
-            mounts.append(mount)
-            try:
-                mount.wait_ready(timeout + 10)
-            except AttachError as exc:
-                print(f"iosea_wf.attach: cannot attach {where} at {target}: {exc}", file=sys.stderr)
-                return 1
-            binds.append((mount.path, target, mode, where))
-        pid = os.fork()
-        if pid == 0:
-            for sig in _FORWARDED:
-                signal.signal(sig, signal.SIG_DFL)
-            _run_child(binds, command)
-
-        def forward(signum, _frame):
-            os.kill(pid, signum)
-
-        for sig in _FORWARDED:
-            signal.signal(sig, forward)
-        # A terminal's Ctrl-C reaches the command itself (same process group): not forwarded twice.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        while True:
-            try:
-                _, raw = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        status = os.waitstatus_to_exitcode(raw)
-        return 128 - status if status < 0 else status
+        status = _attach_and_run(nfs, binds, command, timeout, mounts)
     finally:
-        for mount in mounts:
-            for problem in mount.stop():
-                print(f"iosea_wf.attach: {problem}", file=sys.stderr)
-                status = status or 1
+        problems = [p for mount in mounts for p in mount.stop()]
+    for problem in problems:
+        print(f"iosea_wf.attach: {problem}", file=sys.stderr)
+    return status or (1 if problems else 0)
+
+
+def _attach_and_run(nfs, binds, command, timeout: float, mounts: list[NfsMount]) -> int:
+    """Mount each export (appending to ``mounts``), then fork the command into its namespaces."""
+    for url, target, mode in nfs:
+        where = f"the NFS export {describe(url)}"
+        try:
+            mount = NfsMount(url, mode, timeout)
+        except OSError as exc:
+            print(f"iosea_wf.attach: cannot start the NFS client of {where}: {exc}", file=sys.stderr)
+            return 1
+        mounts.append(mount)
+        try:
+            mount.wait_ready(timeout + 10)
+        except AttachError as exc:
+            print(f"iosea_wf.attach: cannot attach {where} at {target}: {exc}", file=sys.stderr)
+            return 1
+        binds.append((mount.path, target, mode, where))
+    pid = os.fork()
+    if pid == 0:
+        for sig in _FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        _run_child(binds, command)
+
+    def forward(signum, _frame):
+        os.kill(pid, signum)
+
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    # A terminal's Ctrl-C reaches the command itself (same process group): not forwarded twice.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _, raw = os.waitpid(pid, 0)  # PEP 475: retried after a forwarded signal
+    status = os.waitstatus_to_exitcode(raw)
+    return 128 - status if status < 0 else status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,9 +32,10 @@ import stat
 import sys
 import threading
 import time
-import urllib.parse
 from itertools import count
 from typing import Any
+
+from .attach import describe
 
 WRITE_GATHER = 8 << 20
 READ_AHEAD = 4 << 20
@@ -44,14 +45,6 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
 class NfsFuseError(Exception):
     """Raised when the export cannot be reached or used before the mount (the client exits 1)."""
-
-
-def describe(url: str) -> str:
-    """``host:/path`` of a service URL, for messages (no query)."""
-    parts = urllib.parse.urlsplit(url)
-    query = dict(urllib.parse.parse_qsl(parts.query))
-    port = f" (port {query['nfsport']})" if "nfsport" in query else ""
-    return f"{parts.hostname}:{urllib.parse.unquote(parts.path)}{port}"
 
 
 def _errno_of(exc: BaseException) -> int:
