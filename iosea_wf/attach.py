@@ -313,6 +313,10 @@ def _run_child(binds: list[tuple[str, str, str]], command: list[str]) -> None:
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
+class _Interrupted(Exception):
+    """A forwarded signal arrived before the command was started."""
+
+
 def _run_with_mounts(
     nfs: list[tuple[str, str, str]], binds: list[tuple[str, str, str]], command: list[str], timeout: float
 ) -> int:
@@ -321,8 +325,18 @@ def _run_with_mounts(
     Returns the command's exit status (128+N for a signal), or 1 if attaching or cleaning failed.
     """
     mounts: list[NfsMount] = []
+
+    def interrupted(signum, _frame):
+        raise _Interrupted(signum)
+
+    # Cancelled while mounting (before the command runs): what was mounted is unmounted all the same.
+    for sig in _FORWARDED:
+        signal.signal(sig, interrupted)
     try:
         status = _attach_and_run(nfs, binds, command, timeout, mounts)
+    except _Interrupted as exc:
+        print(f"iosea_wf.attach: interrupted by signal {exc.args[0]} while attaching", file=sys.stderr)
+        status = 128 + exc.args[0]
     finally:
         problems = [p for mount in mounts for p in mount.stop()]
     for problem in problems:

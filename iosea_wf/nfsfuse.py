@@ -137,6 +137,13 @@ class NfsOperations(_operations_base()):  # type: ignore[misc]
             with handle.lock:
                 self._send(handle)
 
+    def _forget_read_ahead(self, path: str) -> None:
+        """Drop what any open file of ``path`` read ahead: the file is changing."""
+        with self._lock:
+            for handle in self._open.values():
+                if handle.path == path:
+                    handle.ahead = b""
+
     @staticmethod
     def _attrs(info: Any) -> dict[str, int]:
         kind = getattr(info.type, "value", info.type)
@@ -211,10 +218,7 @@ class NfsOperations(_operations_base()):  # type: ignore[misc]
         self._refuse_if_ro()
         self._send_path(path)
         self._call(self.client.truncate, self._rel(path), length)
-        with self._lock:
-            for handle in self._open.values():
-                if handle.path == path:
-                    handle.ahead = b""
+        self._forget_read_ahead(path)
         return 0
 
     # --- namespace -----------------------------------------------------------------------------
@@ -282,8 +286,8 @@ class NfsOperations(_operations_base()):  # type: ignore[misc]
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         handle = self._handle(fh)
+        self._send_path(handle.path)
         with handle.lock:
-            self._send(handle)
             start = offset - handle.ahead_at
             if start >= 0 and offset + size <= handle.ahead_at + len(handle.ahead):
                 data = handle.ahead[start : start + size]
@@ -299,8 +303,8 @@ class NfsOperations(_operations_base()):  # type: ignore[misc]
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         self._refuse_if_ro()
         handle = self._handle(fh)
+        self._forget_read_ahead(handle.path)
         with handle.lock:
-            handle.ahead = b""
             if handle.pending and offset != handle.pending_at + len(handle.pending):
                 self._send(handle)
             if not handle.pending:
