@@ -63,7 +63,8 @@ WRITE = """\
 set -e
 M="$IOSEA_SERVICE_DATA_MOUNTPOINT"
 id -u > uid.txt
-awk -v m="$M" '$5 == m {print $9}' /proc/self/mountinfo > fstype.txt
+fstype() { awk -v m="$1" '$5 == m {sub(/.* - /, ""); print $1}' /proc/self/mountinfo; }
+fstype "$M" > fstype.txt
 echo "written by job $SLURM_JOB_ID" > "$M/out.txt"
 mkdir "$M/sub"
 head -c 3000000 /dev/urandom > "$M/sub/big.bin"
@@ -78,7 +79,8 @@ stat -c '%U %s' "$M/cut.txt" > cut.stat
 READ = """\
 #!/bin/bash
 M="$IOSEA_SERVICE_DATA_MOUNTPOINT"
-awk -v m="$M" '$5 == m {print $9}' /proc/self/mountinfo > ro-fstype.txt
+fstype() { awk -v m="$1" '$5 == m {sub(/.* - /, ""); print $1}' /proc/self/mountinfo; }
+fstype "$M" > ro-fstype.txt
 cat "$M/input.txt" > ro-read.txt
 if echo x 2> ro-write.err > "$M/refused.txt"
 then echo writable > ro-write.txt
@@ -278,17 +280,27 @@ def test_fuse_layer_large_file_round_trip(session, alice, mounted):
         (session["ns"] / "rand.bin").unlink()
 
 
-def test_fuse_layer_root_is_squashed(session, alice, tmp_path):
-    # Root's client speaks as uid 0, which the export squashes: it cannot read alice's 0700 namespace.
+def test_fuse_layer_root_is_squashed(session, tmp_path):
+    # Root's client speaks as uid 0, which the export squashes: alice's 0700 namespace stays closed.
     point = tmp_path / "mnt"
     point.mkdir()
-    proc = subprocess.run(
+    client = subprocess.Popen(
         [str(session["venv"] / "iosea-wf-nfsfuse"), session["svc"]["url"], str(point), "--timeout", "10"],
-        capture_output=True, text=True, timeout=60,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert proc.returncode == 1
-    assert "refuses uid 0" in proc.stderr or "cannot mount" in proc.stderr, proc.stderr
-    assert not any(f" {point} " in ln for ln in Path("/proc/self/mountinfo").read_text().splitlines())
+    try:
+        deadline = time.monotonic() + 20
+        while not any(f" {point} " in ln for ln in _fuse_mounts_of(0)):
+            assert client.poll() is None, client.stderr.read()
+            assert time.monotonic() < deadline, "the export was not mounted within 20 s"
+            time.sleep(0.05)
+        listing = _sh("ls", str(point), check=False)
+        assert listing.returncode != 0 and "Permission denied" in listing.stderr, listing
+        reading = _sh("cat", f"{point}/input.txt", check=False)
+        assert reading.returncode != 0 and "Permission denied" in reading.stderr, reading
+    finally:
+        _sh("fusermount3", "-u", str(point), check=False)
+        client.wait(timeout=20)
 
 
 # ---- steps with attach: nfs --------------------------------------------------------------------------
@@ -355,8 +367,12 @@ def test_with_its_export_stopped_the_step_fails_clearly(session, alice):
     t0 = time.monotonic()
     view = _run(session, "write")
     assert time.monotonic() - t0 < 120
-    assert view["state"] == "FAILED", view
-    out = (session["work"] / f"slurm-{view['job_id']}.out").read_text()
+    assert view["error"]["details"] == ["step write: FAILED (exit code 1)"], view
+    status = json.loads(session["alice"]("iosea-wf", "status", f"SESSION={session['name']}", "--json").stdout)
+    job_id = status["steps"][-1]["job_id"]
+    # The reason is in the job's output: the step's script never ran.
+    out = (session["work"] / f"slurm-{job_id}.out").read_text()
+    print(out)
     host = svc["url"].split("//")[1].split("/")[0]
     assert f"iosea_wf.attach: cannot attach the NFS export {host}:{svc['namespace']}" in out, out
     assert "cannot mount the NFS export" in out or "refuses uid" in out, out
