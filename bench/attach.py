@@ -116,7 +116,7 @@ def main() -> None:
         token = _sh(["runuser", "-u", name, "--", "scontrol", "token", "lifespan=900"], cwd="/").stdout
         ctx = manager.Context(state_dir=str(state), user=name, slurm_jwt=token.strip().split("=", 1)[1])
         session = "benchattach"
-        record = manager.start(ctx, str(wdf), session, {})
+        record = manager.start(ctx, str(wdf), session, {}, wait_resources=600)
         attached = [dict(s, mode="RW") for s in record["services"]]
         me = [str(venv / "python"), __file__, "--workload"]
         results = {}

@@ -167,7 +167,8 @@ def session(alice, user_venv, inprocess_site):
     old = os.environ.get("IOSEA_WF_SITE")
     os.environ["IOSEA_WF_SITE"] = str(inprocess_site)
     try:
-        record = manager.start(ctx, str(work / "wf.yaml"), name, {})
+        # The shared site may be busy: wait for room rather than fail.
+        record = manager.start(ctx, str(work / "wf.yaml"), name, {}, wait_resources=600)
     finally:
         if old is None:
             os.environ.pop("IOSEA_WF_SITE")
