@@ -128,3 +128,17 @@ def test_a_site_without_attach_settings_attaches_by_env(site_copy):
     _edit(site_copy, lambda d: [d.pop("iosea_service_attach"), d.pop("iosea_service_attach_methods")])
     site = load_site(site_copy)
     assert (site.attach, site.attach_methods) == ("env", ("env",))
+
+
+def test_a_run_is_refused_a_method_its_site_snapshot_does_not_offer():
+    from types import SimpleNamespace
+
+    from iosea_wf.steps import attach_method
+
+    data = load_site("inventories/local").to_dict()
+    data["variables"]["iosea_service_attach_methods"] = ["bind"]
+    site = type(load_site("inventories/local")).from_dict(data)
+    assert attach_method(site, SimpleNamespace(name="s", attach=None)) == "bind"
+    with pytest.raises(SiteError) as exc:
+        attach_method(site, SimpleNamespace(name="s", attach="nfs"))
+    assert "step s: attach method 'nfs' is not offered by the site (offered: bind)" in str(exc.value)
