@@ -69,11 +69,7 @@ def resolve(user: str, path: str) -> tuple[str, bool]:
     Root and the user themselves resolve it directly. The Workflow Manager's own account cannot
     enter a user's 0700 directories: its privileged helper resolves it as the user.
     """
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise SiteError(f"user {user!r} is not known on this host (getpwnam)") from None
-    if os.geteuid() == 0 or os.geteuid() == entry.pw_uid:
+    if os.geteuid() == 0 or user == _own_name():
         real = os.path.realpath(path)
         return real, os.path.isdir(real)
     try:
@@ -91,3 +87,11 @@ def _ask_helper(user: str, mode: str, path: str) -> dict:
     from . import privileged
 
     return privileged.call("may-use", ["--user", user, "--mode", mode, "--path", path])
+
+
+def _own_name() -> str | None:
+    """This process's user name (None for a uid without one)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return None
