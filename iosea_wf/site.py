@@ -101,6 +101,13 @@ class Site:
     nfs_clients: tuple[str, ...] = ()
     variables: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def store_keep_days(self) -> float:
+        """Days an ended session stays in the live store before it is archived (iosea_store_keep_days)."""
+        from .store import DEFAULT_KEEP_DAYS
+
+        return self.variables.get("iosea_store_keep_days", DEFAULT_KEEP_DAYS)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able snapshot (a session keeps the site it was started on)."""
         data = dataclasses.asdict(self)
@@ -161,6 +168,12 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise vol.Invalid(f"expected a non-negative number of days, got {value!r}")
+    return value
+
+
 # What an NFS server may be told is a client: an address, a host name or a CIDR network.
 _CLIENT = re.compile(r"^[A-Za-z0-9_.:*?-]+(/[0-9]{1,3})?$")
 
@@ -198,6 +211,7 @@ _SITE_VARS = vol.Schema(
             msg="required: the directories dataset namespaces may live in (e.g. [/home, /scratch])",
         ): vol.All([str], vol.Length(min=1, msg="list at least one directory")),
         vol.Optional("iosea_nfs_clients"): vol.All([str], vol.Length(min=1)),
+        vol.Optional("iosea_store_keep_days"): _non_negative_number,
     },
     extra=vol.ALLOW_EXTRA,
 )
