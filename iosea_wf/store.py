@@ -23,6 +23,7 @@ schema 1 is migrated by the first writer that opens it.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import marshal
 import os
@@ -179,6 +180,50 @@ class _Detached(Document):
         super().__init__(_copy(value), doc_id)
 
 
+# Every session keeps the site it was started on (``site_snapshot``, ~6 KB, 80% of a record), and
+# most are the same: a file holds each snapshot once, in its ``snapshots`` table, and a record
+# {"$ref": KEY} in its place. Records come out of the store whole.
+SNAPSHOT_FIELD = "site_snapshot"
+
+
+def _snapshot_key(snapshot: Any) -> str:
+    return hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _shrink(record: dict[str, Any], snapshots: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as stored (JSON types), its site snapshot put into ``snapshots`` once."""
+    snapshot = record.get(SNAPSHOT_FIELD)
+    if not isinstance(snapshot, dict) or "$ref" in snapshot:
+        return _as_stored(record)
+    key = _snapshot_key(snapshot)
+    if key not in snapshots:
+        snapshots[key] = _as_stored(snapshot)
+    return _as_stored({**record, SNAPSHOT_FIELD: {"$ref": key}})
+
+
+def _whole(record: dict[str, Any], snapshots: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a stored record, with its site snapshot back in place."""
+    record = _copy(record)
+    _expand(record, snapshots)
+    return record
+
+
+def _expand(record: dict[str, Any], snapshots: dict[str, Any]) -> None:
+    ref = record.get(SNAPSHOT_FIELD)
+    if isinstance(ref, dict) and "$ref" in ref:
+        found = snapshots.get(ref["$ref"])
+        record[SNAPSHOT_FIELD] = _copy(found) if found is not None else None
+
+
+def _referenced(sessions: dict[str, Any]) -> set[str]:
+    refs = set()
+    for r in sessions.values():
+        ref = r.get(SNAPSHOT_FIELD)
+        if isinstance(ref, dict) and "$ref" in ref:
+            refs.add(ref["$ref"])
+    return refs
+
+
 class _SessionsTable(Table):
     """The live sessions table; a get by id that misses asks the archive (``Query().id == X``)."""
 
@@ -213,11 +258,20 @@ def _holds_resources(record: dict[str, Any]) -> bool:
 class Transaction:
     """What can be read and written while the store's lock is held."""
 
-    def __init__(self, store: Store, db: TinyDB):
+    def __init__(self, store: Store, db: TinyDB, tables: dict[str, Any]):
         self._store = store
+        self._tables = tables
         self.sessions = db.table("sessions")
         self.allocations = db.table("allocations")
         self.allocations.document_class = _Detached
+        snapshots = tables.get("snapshots", {})
+
+        class _Whole(_Detached):
+            def __init__(self, value, doc_id: int):
+                super().__init__(value, doc_id)
+                _expand(self, snapshots)
+
+        self.sessions.document_class = _Whole
         self.sessions.archive_lookup = self._archived_by_id
         # Archived sessions this transaction handed out: {id: archive file} (a write restores them).
         self.from_archive: dict[str, Path] = {}
@@ -230,7 +284,7 @@ class Transaction:
             return None
         path, record = found
         self.from_archive[session_id] = path
-        return _Detached(record, 0)
+        return Document(record, 0)
 
     def session(self, owner: str, name: str, *, live_only: bool = False) -> dict[str, Any] | None:
         """The newest session of that owner and name (optionally only a live one).
@@ -249,7 +303,7 @@ class Transaction:
             return None
         path, record = archived
         self.from_archive[record["id"]] = path
-        return _Detached(record, 0)
+        return Document(record, 0)
 
     def session_by_id(self, session_id: str) -> dict[str, Any] | None:
         """The session of that id, live or archived."""
@@ -258,9 +312,17 @@ class Transaction:
     def put_session(self, record: dict[str, Any]) -> None:
         """Insert or replace a session record (matched by its id); an archived one comes back live."""
         record["schema_version"] = SCHEMA_VERSION
-        self.sessions.upsert(_as_stored(record), Query().id == record["id"])
+        stored = _shrink(record, self._tables.setdefault("snapshots", {}))
+        self.sessions.upsert(stored, Query().id == record["id"])
         if record["id"] in self.from_archive:
             self.restored[record["id"]] = self.from_archive[record["id"]]
+
+    def add_sessions(self, records: list[dict[str, Any]]) -> None:
+        """Insert new session records (ids the store does not hold) at once: bulk loads, benchmarks."""
+        snapshots = self._tables.setdefault("snapshots", {})
+        for record in records:
+            record["schema_version"] = SCHEMA_VERSION
+        self.sessions.insert_multiple([_shrink(r, snapshots) for r in records])
 
     def live_sessions(self) -> list[dict[str, Any]]:
         """Every session of every owner that may still hold resources (the live file only)."""
@@ -337,10 +399,13 @@ class Store:
     @contextmanager
     def _transaction(self, *, shared: bool, archive_at: float | None = None) -> Iterator[Transaction]:
         """``archive_at``: archive what is due at that time now, even with nothing else to write."""
-        with open(self.lock_path, "a+") as lock:
+        # Not O_APPEND: the write generation is written in place at offset 0 (Linux's pwrite
+        # appends on an O_APPEND descriptor, whatever the offset).
+        lock = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
             fcntl.flock(lock, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
-                tables = self._tables(lock.fileno())
+                tables = self._tables(lock)
                 if shared:
                     with self._db(_TransactionStorage(tables, read_only=True)) as tx:
                         yield tx
@@ -353,19 +418,21 @@ class Store:
                     with self._db(storage) as tx:
                         yield tx
                         if storage.dirty or changed or archive_at is not None:
-                            self._commit(storage.tables, tx, lock.fileno(), archive_at)
+                            self._commit(storage.tables, tx, lock, archive_at)
                 except BaseException:
                     # The tables were changed in place: the file, not the cache, is the truth now.
                     self._cache = None
                     raise
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+        finally:
+            os.close(lock)
 
     @contextmanager
     def _db(self, storage: _TransactionStorage) -> Iterator[Transaction]:
         db = _DB(storage=lambda: storage)
         try:
-            yield Transaction(self, db)
+            yield Transaction(self, db, storage.tables)
         finally:
             db.close()
 
@@ -403,6 +470,10 @@ class Store:
         """Write the live file once (after archiving what is due), then tidy the archive."""
         moved = self._archive_due(tables, archive_at)
         tx.moved = len(moved)
+        snapshots = tables.get("snapshots", {})
+        used = _referenced(tables.get("sessions", {}))
+        if set(snapshots) - used:
+            tables["snapshots"] = {k: v for k, v in snapshots.items() if k in used}
         _write_atomic(self.db_path, tables, before_replace=lambda: _new_generation(lock_fd))
         self._cache = (self._file_key(lock_fd), tables)
         _step_done("live")
@@ -421,7 +492,12 @@ class Store:
             return False
         if _file_version(tables) == SCHEMA_VERSION:
             return False
-        # Schema 1 -> 2: the same records; the file gains its meta table (the archive is new).
+        # Schema 1 -> 2: the same records, each site snapshot once in the snapshots table, and a
+        # meta table (the archive is new).
+        snapshots = tables.setdefault("snapshots", {})
+        sessions = tables.get("sessions", {})
+        for doc_id, record in list(sessions.items()):
+            sessions[doc_id] = _shrink(record, snapshots)
         for name in ("sessions", "allocations"):
             for record in tables.get(name, {}).values():
                 record["schema_version"] = SCHEMA_VERSION
@@ -465,7 +541,7 @@ class Store:
                 self.intent_path, {"schema_version": SCHEMA_VERSION, "moving": moving}, sync_dir=True
             )
             _step_done("intent")
-            self._put_archived([sessions[d] for d in due])
+            self._put_archived([sessions[d] for d in due], tables.get("snapshots", {}))
         except OSError:
             # No room for the archive (say): the sessions stay live; the intent, if written, is
             # finished by a later writer.
@@ -483,7 +559,7 @@ class Store:
             # Written again from the live copies (the same records): the archive files may or
             # may not have been written before the cut.
             try:
-                self._put_archived(list(left.values()))
+                self._put_archived(list(left.values()), tables.get("snapshots", {}))
             except OSError:
                 return False
             tables["sessions"] = {k: v for k, v in sessions.items() if k not in left}
@@ -498,18 +574,28 @@ class Store:
     def _archive_path(self, owner: str, month: str) -> Path:
         return self._owner_dir(owner) / f"{month}.json"
 
-    def _put_archived(self, records: list[dict[str, Any]]) -> None:
-        """Add records to their archive files, durably (upsert by id: doing it twice is harmless)."""
+    def _put_archived(self, records: list[dict[str, Any]], snapshots: dict[str, Any]) -> None:
+        """Add live records to their archive files, durably (by id: doing it twice is harmless).
+
+        An archive file holds the site snapshots its records refer to (``snapshots``: the live ones).
+        """
         by_file: dict[Path, list[dict[str, Any]]] = {}
         for r in records:
             by_file.setdefault(self._archive_path(r["owner"], _month(r)), []).append(r)
         for path, group in sorted(by_file.items()):
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             data = self._archive_file(path)
-            data = {"schema_version": SCHEMA_VERSION, "sessions": dict(data.get("sessions", {}))}
+            data = {
+                "schema_version": SCHEMA_VERSION,
+                "sessions": dict(data.get("sessions", {})),
+                "snapshots": dict(data.get("snapshots", {})),
+            }
             for r in group:
                 data["sessions"][r["id"]] = r
                 self._archived_at[r["id"]] = path
+            for key in _referenced({r["id"]: r for r in group}):
+                if key not in data["snapshots"] and key in snapshots:
+                    data["snapshots"][key] = snapshots[key]
             _write_atomic(path, data, sync_dir=True)
             self._archive_cache[path] = (_stat_key(path), data)
             _step_done("archive")
@@ -543,21 +629,24 @@ class Store:
         return [self._owner_dir(owner) / n for n in sorted(names, reverse=True) if n.endswith(".json")]
 
     def _archived_of(self, owner: str) -> list[dict[str, Any]]:
+        """Whole copies of the owner's archived records."""
         found = []
         for path in self._owner_files(owner):
-            for r in self._archive_file(path).get("sessions", {}).values():
+            data = self._archive_file(path)
+            for r in data.get("sessions", {}).values():
                 self._archived_at[r["id"]] = path
-                found.append(r)
+                found.append(_whole(r, data.get("snapshots", {})))
         return found
 
     def _archived_by_name(self, owner: str, name: str) -> tuple[Path, dict[str, Any]] | None:
         # Files are per month of creation: the newest month holding the name holds its newest.
         for path in self._owner_files(owner):
-            matches = [r for r in self._archive_file(path).get("sessions", {}).values() if r["name"] == name]
+            data = self._archive_file(path)
+            matches = [r for r in data.get("sessions", {}).values() if r["name"] == name]
             if matches:
                 record = max(matches, key=lambda r: r["created_at"])
                 self._archived_at[record["id"]] = path
-                return path, record
+                return path, _whole(record, data.get("snapshots", {}))
         return None
 
     def _archived_by_id(self, session_id: str) -> tuple[Path, dict[str, Any]] | None:
@@ -566,9 +655,10 @@ class Store:
         # Never seen by this process: every archive file (slow, but only for an id it never listed).
         paths += sorted(self.archive_dir.glob("*/*.json"), reverse=True) if not hinted else []
         for path in paths:
-            record = self._archive_file(path).get("sessions", {}).get(session_id)
+            data = self._archive_file(path)
+            record = data.get("sessions", {}).get(session_id)
             if record is not None:
-                return path, record
+                return path, _whole(record, data.get("snapshots", {}))
         return None
 
     # --- the interface the manager uses ---------------------------------------------------
@@ -579,7 +669,7 @@ class Store:
             found = tx.sessions.search(Query().owner == owner)
             if archived:
                 live = {s["id"] for s in found}
-                found += [_copy(r) for r in self._archived_of(owner) if r["id"] not in live]
+                found += [r for r in self._archived_of(owner) if r["id"] not in live]
         return sorted(found, key=lambda s: s["created_at"])
 
     def update_session(
@@ -692,9 +782,12 @@ def _check_state(record: dict[str, Any], expect: tuple[str, ...] | None) -> None
 
 
 def _new_generation(lock_fd: int) -> None:
-    """Put a new write generation in the lock file (its writer holds the exclusive lock)."""
-    os.ftruncate(lock_fd, 0)
-    os.write(lock_fd, uuid.uuid4().hex.encode())
+    """Put a new write generation in the lock file (its writer holds the exclusive lock).
+
+    Always 32 characters written over the last ones: no truncation, whose freed block would wait
+    for its discard on this kind of disk.
+    """
+    os.pwrite(lock_fd, uuid.uuid4().hex.encode(), 0)
 
 
 def new_session_id() -> str:

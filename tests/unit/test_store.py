@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import time
 
 from iosea_wf import store as st
@@ -206,10 +207,24 @@ def test_a_new_write_generation_alone_invalidates_the_cache(tmp_path, monkeypatc
     parses = _count_parses(monkeypatch)
     cached.sessions_of("alice")
     assert parses[0] == 0
-    with open(cached.lock_path, "a+") as lock:  # what a writer does before its rename
-        st._new_generation(lock.fileno())
+    lock = os.open(cached.lock_path, os.O_RDWR)
+    st._new_generation(lock)  # what a writer does before its rename
+    os.close(lock)
     cached.sessions_of("alice")
     assert parses[0] == 1
+
+
+def test_every_write_puts_a_new_generation_in_place(tmp_path):
+    s = st.Store(tmp_path)
+    rec = _record("s1")
+    with s.transaction() as tx:
+        tx.put_session(rec)
+    seen = set()
+    for state in (st.STOPPING, st.ACTIVE, st.STOPPING):
+        s.update_session(rec["id"], state=state)
+        generation = (tmp_path / "iosea-wf.lock").read_bytes()
+        assert len(generation) == 32 and generation not in seen
+        seen.add(generation)
 
 
 def test_records_from_the_cache_are_copies(tmp_path):
