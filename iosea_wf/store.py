@@ -101,7 +101,7 @@ def _write_atomic(path: Path, data: Any, *, before_replace=None, sync_dir: bool 
     One ``json.dumps`` and one write: about 10x faster than ``json.dump`` to a file object.
     ``sync_dir``: also fsync the directory, so that the rename itself is durable.
     """
-    text = json.dumps(data, separators=(",", ":")).encode()
+    text = data if isinstance(data, bytes) else json.dumps(data, separators=(",", ":")).encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".store-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -160,6 +160,7 @@ class _TransactionStorage(Storage):
         self.tables = tables
         self.read_only = read_only
         self.dirty = False
+        self.in_place = False
 
     def read(self) -> dict[str, Any]:
         """The tables of this transaction (TinyDB changes them in place, then calls write)."""
@@ -230,6 +231,20 @@ class _SessionsTable(Table):
     document_class = _Detached
     archive_lookup: Callable[[str], dict[str, Any] | None] | None = None
 
+    # TinyDB's own updates change a document in place, where the store's cache of each record's
+    # JSON text cannot see it: after one, the whole file is encoded again.
+    def update(self, *args, **kwargs):  # noqa: D102 (TinyDB's)
+        self._storage.in_place = True
+        return super().update(*args, **kwargs)
+
+    def update_multiple(self, *args, **kwargs):  # noqa: D102 (TinyDB's)
+        self._storage.in_place = True
+        return super().update_multiple(*args, **kwargs)
+
+    def upsert(self, *args, **kwargs):  # noqa: D102 (TinyDB's)
+        self._storage.in_place = True
+        return super().upsert(*args, **kwargs)
+
     def get(self, cond=None, doc_id=None, doc_ids=None):  # noqa: D102 (TinyDB's)
         found = super().get(cond, doc_id, doc_ids)
         if found is None and self.archive_lookup is not None and cond is not None:
@@ -258,18 +273,19 @@ def _holds_resources(record: dict[str, Any]) -> bool:
 class Transaction:
     """What can be read and written while the store's lock is held."""
 
-    def __init__(self, store: Store, db: TinyDB, tables: dict[str, Any]):
+    def __init__(self, store: Store, db: TinyDB, storage: _TransactionStorage):
         self._store = store
-        self._tables = tables
+        self._storage = storage
+        self._tables = tables = storage.tables
+        self._doc_ids: dict[str, str] | None = None
         self.sessions = db.table("sessions")
         self.allocations = db.table("allocations")
         self.allocations.document_class = _Detached
-        snapshots = tables.get("snapshots", {})
 
         class _Whole(_Detached):
             def __init__(self, value, doc_id: int):
                 super().__init__(value, doc_id)
-                _expand(self, snapshots)
+                _expand(self, tables.get("snapshots") or {})
 
         self.sessions.document_class = _Whole
         self.sessions.archive_lookup = self._archived_by_id
@@ -311,9 +327,23 @@ class Transaction:
 
     def put_session(self, record: dict[str, Any]) -> None:
         """Insert or replace a session record (matched by its id); an archived one comes back live."""
+        if self._storage.read_only:
+            raise StoreError("the session store was written inside a shared (read-only) transaction")
         record["schema_version"] = SCHEMA_VERSION
         stored = _shrink(record, self._tables.setdefault("snapshots", {}))
-        self.sessions.upsert(stored, Query().id == record["id"])
+        # Put in place of the old document (a new object), not updated in it: the store keeps
+        # the JSON text of every unchanged record and encodes only the new one (_encode).
+        table = self._tables.setdefault("sessions", {})
+        if self._doc_ids is None or len(self._doc_ids) != len(table):
+            self._doc_ids = {doc["id"]: doc_id for doc_id, doc in table.items()}
+        doc_id = self._doc_ids.get(record["id"])
+        if doc_id is None or table.get(doc_id, {}).get("id") != record["id"]:
+            doc_id = str(max(map(int, table), default=0) + 1)
+            self._doc_ids[record["id"]] = doc_id
+        table[doc_id] = stored
+        self.sessions.clear_cache()
+        self.sessions._next_id = None  # TinyDB's next id for an insert: counted again
+        self._storage.dirty = True
         if record["id"] in self.from_archive:
             self.restored[record["id"]] = self.from_archive[record["id"]]
 
@@ -373,6 +403,8 @@ class Store:
         # ``cache`` is kept for callers of the earlier interface: every store caches now.
         del cache
         self._cache: tuple[tuple, dict[str, Any]] | None = None
+        # The JSON text of each live session record as last written: {doc id: (record, text)}.
+        self._encoded: dict[str, tuple[dict[str, Any], str]] = {}
         self._archive_cache: dict[Path, tuple[tuple, dict[str, Any]]] = {}
         # Where archived sessions were last seen: {id: archive file}.
         self._archived_at: dict[str, Path] = {}
@@ -432,7 +464,7 @@ class Store:
     def _db(self, storage: _TransactionStorage) -> Iterator[Transaction]:
         db = _DB(storage=lambda: storage)
         try:
-            yield Transaction(self, db, storage.tables)
+            yield Transaction(self, db, storage)
         finally:
             db.close()
 
@@ -474,7 +506,8 @@ class Store:
         used = _referenced(tables.get("sessions", {}))
         if set(snapshots) - used:
             tables["snapshots"] = {k: v for k, v in snapshots.items() if k in used}
-        _write_atomic(self.db_path, tables, before_replace=lambda: _new_generation(lock_fd))
+        text = self._encode(tables, full=tx._storage.in_place)
+        _write_atomic(self.db_path, text, before_replace=lambda: _new_generation(lock_fd))
         self._cache = (self._file_key(lock_fd), tables)
         _step_done("live")
         if moved:
@@ -483,6 +516,26 @@ class Store:
         # A restored session's archived copy is stale now (were this cut short, the live copy wins).
         for session_id, path in tx.restored.items():
             self._drop_archived(path, session_id)
+
+    def _encode(self, tables: dict[str, Any], *, full: bool) -> bytes:
+        """The live file's JSON text: each session record's own text kept while it is the same object.
+
+        A record is replaced, never changed in place, by the store's writes (``full``: one was
+        changed in place), so an unchanged record is the same object as when it was encoded:
+        a write encodes its one record, not the whole file (~7 ms for 220 records here).
+        """
+        sessions = tables.get("sessions", {})
+        known = {} if full else self._encoded
+        encoded, parts = {}, []
+        for doc_id, doc in sessions.items():
+            hit = known.get(doc_id)
+            text = hit[1] if hit is not None and hit[0] is doc else json.dumps(doc, separators=(",", ":"))
+            encoded[doc_id] = (doc, text)
+            parts.append(f"{json.dumps(doc_id)}:{text}")
+        self._encoded = encoded
+        rest = json.dumps({k: v for k, v in tables.items() if k != "sessions"}, separators=(",", ":"))
+        body = '"sessions":{' + ",".join(parts) + "}"
+        return (rest[:-1] + ("," if rest != "{}" else "") + body + "}").encode()
 
     @staticmethod
     def _migrate(tables: dict[str, Any]) -> bool:

@@ -251,3 +251,46 @@ def test_a_shared_transaction_of_a_cached_store_cannot_write(tmp_path):
     else:
         raise AssertionError("a write in a shared transaction must raise StoreError")
     assert [r["name"] for r in st.Store(tmp_path).sessions_of("alice")] == ["s1"]
+
+
+# --- what a write costs: one record encoded, each site snapshot once ---------------------------
+
+
+def test_the_file_is_what_the_store_holds_after_every_kind_of_write(tmp_path):
+    """Each record's JSON text is kept between writes: a record changed any way is written anew."""
+    s = st.Store(tmp_path)
+    a, b, c = _record("a"), _record("b"), _record("c")
+    with s.transaction() as tx:
+        tx.put_session(a)
+        tx.add_sessions([b])
+    s.update_session(a["id"], state=st.STOPPING)
+    with s.transaction() as tx:  # TinyDB's own update changes the document in place
+        tx.sessions.update({"state": st.STOPPED}, st.Query().id == b["id"])
+    with s.transaction() as tx:
+        tx.put_session(c)
+        tx.sessions.remove(st.Query().id == a["id"])
+    s.update_service(c["id"], "svc", state="LOST")
+    on_disk = json.loads((tmp_path / "iosea-wf.json").read_text())
+    states = {r["name"]: r["state"] for r in on_disk["sessions"].values()}
+    assert states == {"b": st.STOPPED, "c": st.ACTIVE}
+    fresh = {r["name"]: r for r in st.Store(tmp_path).sessions_of("alice")}
+    assert fresh["c"]["services"][0]["state"] == "LOST"
+    assert {r["name"]: r for r in s.sessions_of("alice")} == fresh
+
+
+def test_a_site_snapshot_is_stored_once_and_records_come_out_whole(tmp_path):
+    snapshot = {"path": "/site", "datanodes": {"dn1": {"cores": 32}}, "variables": {"x": [1, 2]}}
+    s = st.Store(tmp_path)
+    with s.transaction() as tx:
+        for name in ("a", "b"):
+            tx.put_session(dict(_record(name), site_snapshot=snapshot))
+    data = json.loads((tmp_path / "iosea-wf.json").read_text())
+    assert list(data["snapshots"].values()) == [snapshot]
+    ref = {"$ref": next(iter(data["snapshots"]))}
+    assert all(r["site_snapshot"] == ref for r in data["sessions"].values())
+    for reader in (s, st.Store(tmp_path)):
+        assert [r["site_snapshot"] for r in reader.sessions_of("alice")] == [snapshot, snapshot]
+    with s.transaction() as tx:  # nobody refers to it any more: it goes
+        for r in tx.sessions.all():
+            tx.put_session(dict(r, site_snapshot=None))
+    assert json.loads((tmp_path / "iosea-wf.json").read_text())["snapshots"] == {}
