@@ -58,6 +58,8 @@ DEFAULT_KEEP_DAYS = 7
 ARCHIVE_EVERY_S = 60.0
 
 ARCHIVE_DIR = "archive"
+# How many parsed archive files a store keeps (a user's `list --all` reads all of theirs).
+ARCHIVE_FILES_CACHED = 256
 INTENT_FILE = "moving.json"
 
 # Tests only: called with the name of each step of an archive move ("intent", "archive", "live"),
@@ -334,10 +336,12 @@ class Transaction:
         # Put in place of the old document (a new object), not updated in it: the store keeps
         # the JSON text of every unchanged record and encodes only the new one (_encode).
         table = self._tables.setdefault("sessions", {})
-        if self._doc_ids is None or len(self._doc_ids) != len(table):
-            self._doc_ids = {doc["id"]: doc_id for doc_id, doc in table.items()}
-        doc_id = self._doc_ids.get(record["id"])
+        doc_id = (self._doc_ids or {}).get(record["id"])
         if doc_id is None or table.get(doc_id, {}).get("id") != record["id"]:
+            # Not known, or TinyDB's own operations moved things since: looked up again.
+            self._doc_ids = {doc["id"]: doc_id for doc_id, doc in table.items()}
+            doc_id = self._doc_ids.get(record["id"])
+        if doc_id is None:
             doc_id = str(max(map(int, table), default=0) + 1)
             self._doc_ids[record["id"]] = doc_id
         table[doc_id] = stored
@@ -670,6 +674,8 @@ class Store:
         if cached is not None and cached[0] == key:
             return cached[1]
         data = _read_json(path, "session archive") or {}
+        if len(self._archive_cache) >= ARCHIVE_FILES_CACHED:
+            self._archive_cache.clear()  # a long-lived store never holds the whole archive
         self._archive_cache[path] = (key, data)
         return data
 
