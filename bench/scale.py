@@ -65,8 +65,8 @@ services:
   - name: es
     type: NFS
     attributes:
-      namespace: "{{{{ NS }}}}"
-      mountpoint: /mnt/bench-scale/{{{{ SESSION }}}}/es
+      namespace: "{{ NS }}"
+      mountpoint: /mnt/bench-scale/{{ SESSION }}/es
       flavor: small
 datamovers:
   - name: dm
@@ -342,6 +342,7 @@ def main() -> None:
                     cli_times.append(bench.cli_status(user, name))
                     request_times.extend(bench.request_status(user, name, 5))
                     k += 1
+                    done.wait(0.5)  # a user's pace, not a load of its own on two cores
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
