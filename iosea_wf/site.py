@@ -107,6 +107,13 @@ class Site:
     variables: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
+    def store_keep_days(self) -> float:
+        """Days an ended session stays in the live store before it is archived (iosea_store_keep_days)."""
+        from .store import DEFAULT_KEEP_DAYS
+
+        return self.variables.get("iosea_store_keep_days", DEFAULT_KEEP_DAYS)
+
+    @property
     def attach(self) -> str:
         """The site's attach method for jobs (iosea_service_attach)."""
         return self.variables.get("iosea_service_attach", "env")
@@ -202,6 +209,12 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise vol.Invalid(f"expected a non-negative number of days, got {value!r}")
+    return value
+
+
 # What an NFS server may be told is a client: an address, a host name or a CIDR network.
 _CLIENT = re.compile(r"^[A-Za-z0-9_.:*?-]+(/[0-9]{1,3})?$")
 
@@ -243,6 +256,7 @@ _SITE_VARS = vol.Schema(
         vol.Optional("iosea_privileged_helpers"): bool,
         vol.Optional("iosea_privileged_helpers_dir"): vol.All(str, vol.Match(r"^/")),
         vol.Optional("iosea_wm_account"): vol.All(str, vol.Match(r"^[a-z_][a-z0-9_-]{0,31}$")),
+        vol.Optional("iosea_store_keep_days"): _non_negative_number,
         vol.Optional("iosea_service_attach", default="env"): vol.In(
             ATTACH_METHODS, msg=f"expected one of {', '.join(ATTACH_METHODS)}"
         ),
