@@ -461,7 +461,12 @@ def namespace_pids(holder: int) -> list[int]:
     targets = set()
     for kind in ("net", "mnt"):
         with contextlib.suppress(OSError):
-            targets.add(os.readlink(f"/proc/{holder}/ns/{kind}"))
+            theirs = os.readlink(f"/proc/{holder}/ns/{kind}")
+            # The switch has no mount namespace of its own: never match the machine's own ones.
+            if theirs != os.readlink(f"/proc/self/ns/{kind}"):
+                targets.add(theirs)
+    if not targets:
+        return []
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == holder:
