@@ -18,7 +18,8 @@ OFF = re.compile(
 
 
 def _project_files():
-    for top in ("ansible.cfg", "iosea_wf", "inventories", "playbooks", "roles", "molecule", "tools", "Makefile"):
+    tops = ("ansible.cfg", "iosea_wf", "inventories", "playbooks", "roles", "molecule", "tools", "Makefile")
+    for top in tops:
         path = REPO / top
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for file in files:
