@@ -8,7 +8,7 @@ SITE ?= inventories/local
 ROLES_WITH_MOLECULE := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
 
 .PHONY: help install wheel lint unit test test-site molecule site site-down demo bench clean \
-  site-multihost site-multihost-down test-multihost molecule-multihost
+  site-multihost site-multihost-down test-multihost molecule-multihost wheelhouse
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -62,18 +62,28 @@ MULTIHOST := inventories/multihost
 HARNESS := $(BIN)/python tools/multihost/harness.py
 MULTIHOST_PLAYBOOK := $(BIN)/ansible-playbook -f 10 -i $(MULTIHOST) playbooks/site.yml
 
-site-multihost: wheel  ## build the multi-host site's hosts and bring the site up on them over SSH
+# The site's hosts reach no package index: iosea-wf's dependencies come from a wheelhouse built
+# here (from pip's cache, after the first time), which they see as a software depot.
+WHEELHOUSE := build/wheelhouse
+MULTIHOST_VARS = -e workflow_manager_wheel=$(abspath $(wildcard $(WHEEL_DIR)/iosea_wf-*.whl)) \
+  -e workflow_manager_pip_find_links=$(abspath $(WHEELHOUSE))
+
+wheelhouse: wheel
+	@$(BIN)/pip wheel -q --disable-pip-version-check -w $(WHEELHOUSE) $(WHEEL_DIR)/iosea_wf-*.whl 2>&1 \
+	  | grep -v '^WARNING: Location' || true
+
+site-multihost: wheelhouse  ## build the multi-host site's hosts and bring the site up on them over SSH
 	$(HARNESS) up
-	$(MULTIHOST_PLAYBOOK) -e workflow_manager_wheel=$(abspath $(wildcard $(WHEEL_DIR)/iosea_wf-*.whl))
+	$(MULTIHOST_PLAYBOOK) $(MULTIHOST_VARS)
 
 site-multihost-down: install  ## stop the multi-host site's daemons and take its hosts away
 	@if $(HARNESS) status >/dev/null 2>&1; then $(MULTIHOST_PLAYBOOK) -e site_action=stop || true; fi
 	$(HARNESS) down
 
-molecule-multihost: wheel  ## the whole-site Molecule scenario (molecule/): site.yml on the multi-host site
+molecule-multihost: wheelhouse  ## the whole-site Molecule scenario (molecule/): site.yml on the multi-host site
 	$(HARNESS) up
-	IOSEA_WF_WHEEL=$(abspath $(wildcard $(WHEEL_DIR)/iosea_wf-*.whl)) ANSIBLE_ROLES_PATH=$(abspath roles) \
-	  $(BIN)/molecule test -s default
+	IOSEA_WF_WHEEL=$(abspath $(wildcard $(WHEEL_DIR)/iosea_wf-*.whl)) IOSEA_WF_WHEELHOUSE=$(abspath $(WHEELHOUSE)) \
+	  ANSIBLE_ROLES_PATH=$(abspath roles) $(BIN)/molecule test -s default
 
 # Brings the multi-host site up, runs its suite and its Molecule scenario, and takes it away
 # (KEEP_MULTIHOST=1 leaves it up), keeping the tests' exit status.
