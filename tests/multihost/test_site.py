@@ -106,8 +106,7 @@ def test_the_design_notes_workflow_across_hosts(alice, cli):
 
     # A real NFS client on a compute host reads the export as alice; the login host is not admitted.
     url = services["ephemeral_service_1"]["url"]
-    creds = f"&uid={alice.pw_uid}&gid={alice.pw_gid}"
-    file_url = url.replace("?", "/input/params.txt?", 1) + creds
+    file_url = _as_user(url, alice, "input/params.txt")
     read = on("compute1", "nfs-cat", file_url, timeout=30)
     assert read.returncode == 0 and read.stdout == "params of ES1\n", read.stderr
     refused = on("login", "nfs-cat", file_url, timeout=30)
@@ -128,7 +127,7 @@ def test_the_design_notes_workflow_across_hosts(alice, cli):
     stopped = cli("stop", "SESSION=mh1", "--json")
     assert stopped.returncode == 0, stopped.stderr
     assert status(cli, "mh1")["state"] == "STOPPED"
-    gone = on("compute1", "nfs-ls", url + creds, timeout=30)
+    gone = on("compute1", "nfs-ls", _as_user(url, alice), timeout=30)
     assert gone.returncode != 0
     wait_for("the datanodes idle again", lambda: _nodes_idle(["datanode1", "datanode2"]), timeout=30)
 
@@ -137,3 +136,11 @@ def _nodes_idle(nodes: list[str]) -> bool:
     done = on("login", "sinfo", "--noheader", "--Node", "--format=%N %t")
     states = dict(line.split() for line in done.stdout.splitlines()) if done.returncode == 0 else {}
     return all(states.get(n) == "idle" for n in nodes)
+
+
+def _as_user(url: str, user, below: str = "") -> str:
+    """The libnfs URL of ``below`` in an export, speaking as ``user`` (AUTH_SYS uid and gid)."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip("/") + ("/" + below if below else "")
+    query = "&".join(q for q in (parts.query, f"uid={user.pw_uid}&gid={user.pw_gid}") if q)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
