@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed  ## create .venv with iosea-wf (editable) and every dependency
 	@# tests/integration/test_package.py makes a venv from Debian's python3, which needs python3-venv.
 	@/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || apt-get install -y -q python3-venv
+	@# tests/integration/test_site_check_ssh.py runs an sshd of its own (apt's policy-rc.d starts none).
+	@test -x /usr/sbin/sshd || DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server
 	@# Byte-compile the package as a wheel install would: where PYTHONDONTWRITEBYTECODE is set,
 	@# every command would otherwise compile each module it imports (~70 ms per iosea-wf-mover).
 	@$(BIN)/python -m compileall -q iosea_wf

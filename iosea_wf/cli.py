@@ -328,6 +328,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("token", metavar="TOKEN", help="the token")
 
     p = subs.add_parser(
+        "site",
+        formatter_class=fmt,
+        help="sysadmin's tools for the site itself (site check)",
+        description="Tools for the site's administrators.\n\n"
+        "  iosea-wf site check [--json] [--timeout SECONDS]",
+    )
+    site_subs = p.add_subparsers(dest="site_command", metavar="SITE_COMMAND", parser_class=_Parser)
+    p = site_subs.add_parser(
+        "check",
+        parents=[sub_common],
+        formatter_class=fmt,
+        help="check every host of the site inventory, in parallel",
+        description=(
+            "Check every host of the site inventory at once, outside Ansible, and print one line\n"
+            "per host and check: reachable (hosts with ansible_connection: local are probed on\n"
+            "this machine, others over SSH with the inventory's ansible_host, ansible_port,\n"
+            "ansible_user, ansible_ssh_private_key_file, and host keys checked against\n"
+            "iosea_ssh_known_hosts: an unknown or changed host key is refused); munge (the key\n"
+            "identical everywhere, compared by a one-time HMAC and never shown; munged answers);\n"
+            "clock (within 15 s of the site's median: any two hosts within 30 s, half the\n"
+            "Workflow Manager's 60 s MUNGE credential TTL); slurmctld and slurmd (one sinfo:\n"
+            "every compute node and datanode registered, not drained or down); ganesha on\n"
+            "datanodes (a real NFSv4 listing and MOUNT call, or idle and ready); each tier on the\n"
+            "controller and the datanodes (present, writable, enterable by users); the Workflow\n"
+            "Manager (IOSEA_WF_URL or iosea_wm_url) answering. Run it as root.\n\n"
+            "  iosea-wf site check\n"
+            "  iosea-wf --site inventories/multihost site check --json --timeout 20"
+        ),
+        epilog="exit 0: every check passed; 13: at least one failed; 3: the site inventory is invalid",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long each host may take to connect and answer (default 10)",
+    )
+
+    p = subs.add_parser(
         "serve",
         parents=[sub_common],
         formatter_class=fmt,
@@ -793,6 +832,29 @@ def cmd_join(args, ctx, ops) -> int:
     return EXIT_OK
 
 
+def cmd_site(args) -> int:
+    """``site check``: probe every host, print one line per host and check and a summary."""
+    from .errors import EXIT_UNHEALTHY
+    from .site_check import check_site
+
+    if args.site_command != "check":
+        raise UsageError(f"`{PROG} site` needs a command: check (see `{PROG} site --help`)")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    report = check_site(args.site, timeout=args.timeout)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        width = max([len(c.host) for c in report.checks] + [4])
+        kind = max([len(c.check) for c in report.checks] + [5])
+        print(f"site {report.site}: {len(report.hosts)} hosts; {report.clock_rule()}")
+        print(f"{'HOST':<{width}}  {'CHECK':<{kind}}  {'RESULT':<6}  DETAIL")
+        for c in report.checks:
+            print(f"{c.host:<{width}}  {c.check:<{kind}}  {c.status:<6}  {c.detail}")
+        print(f"summary: {report.summary()}")
+    return EXIT_OK if report.ok else EXIT_UNHEALTHY
+
+
 def cmd_serve(args, ctx, ops) -> int:
     from .api.server import serve
     from .api.settings import DEFAULT_STATE_DIR, default_socket
@@ -907,6 +969,8 @@ def main(argv: list[str] | None = None, *, restore_signals: bool | None = None) 
         args = parse(argv)
         if args.command == "serve":  # the server handles its own signals (it exits 0 on SIGTERM)
             _restore(previous)
+        if args.command == "site":  # the sysadmin's tools run here, never through the service
+            return cmd_site(args)
         return COMMANDS[args.command](args, *_backend(args))
     except IoseaError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

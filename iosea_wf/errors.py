@@ -21,6 +21,7 @@ EXIT_STORE = 9  # the state directory or its session store cannot be used
 EXIT_UNREACHABLE = 10  # the site's Workflow Manager service cannot be reached
 EXIT_UNAUTHENTICATED = 11  # who is calling cannot be proved (no MUNGE credential) or was not accepted
 EXIT_FORBIDDEN = 12  # a session shared with the caller, but not for this (or a share token not valid)
+EXIT_UNHEALTHY = 13  # `site check`: a check of a host of the site failed (the report says which)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM
 
@@ -39,6 +40,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_UNAUTHENTICATED: "who is calling cannot be proved (no MUNGE credential) or the service refused it",
     EXIT_FORBIDDEN: "the session is shared with you, but not for this command (or the share token is "
     "unknown, used or expired)",
+    EXIT_UNHEALTHY: "site check: at least one check of a host failed (unreachable, munge key, clock, slurmd, "
+    "ganesha, tier or Workflow Manager)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C, SIGINT); the message says what was done and what was not",
     EXIT_TERMINATED: "terminated (SIGTERM); the message says what was done and what was not",
 }

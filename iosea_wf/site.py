@@ -155,6 +155,31 @@ class Site:
         raise SiteError(f"unknown site listing {what!r}: expected locations, flavors or tiers")
 
 
+@dataclass(frozen=True)
+class Host:
+    """A host of the inventory as a sysadmin's health check reaches it (``iosea-wf site check``).
+
+    ``local``: ``ansible_connection: local`` (this machine: probed in-process, no SSH). Otherwise
+    SSH with the inventory's standard variables (``ansible_host``, ``ansible_port``,
+    ``ansible_user``, ``ansible_ssh_private_key_file``) and host keys checked against
+    ``known_hosts``. ``settings`` holds what the roles use there (munge key and socket, the
+    nfs-ganesha instance), the role defaults overridden by the inventory as Ansible would.
+    """
+
+    name: str
+    groups: tuple[str, ...]
+    local: bool
+    address: str
+    port: int
+    user: str | None
+    key_file: str | None
+    known_hosts: tuple[str, ...]
+    python: str
+    become: bool = False
+    connection: str = "ssh"
+    settings: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise vol.Invalid(f"expected a non-negative whole number, got {value!r}")
@@ -220,8 +245,14 @@ def site_path(explicit: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
-def _read_inventory(path: Path) -> tuple[dict[str, Any], dict[str, list[str]], dict[str, dict[str, Any]]]:
-    """Read an inventory with Ansible itself: (templated group 'all' vars, groups, hostvars)."""
+def _read_inventory(
+    path: Path, reach: bool = False
+) -> tuple[dict[str, Any], dict[str, list[str]], dict[str, dict[str, Any]]]:
+    """Read an inventory with Ansible itself: (templated group 'all' vars, groups, hostvars).
+
+    ``reach``: each host's vars also hold ``_reach``: how to connect to it and what the roles use
+    there (see :func:`_reach_vars`).
+    """
     # Imported here: read-only commands that need no site (status, list) never pay for Ansible.
     from ansible.errors import AnsibleError
     from ansible.inventory.manager import InventoryManager
@@ -235,11 +266,15 @@ def _read_inventory(path: Path) -> tuple[dict[str, Any], dict[str, list[str]], d
         variables = VariableManager(loader=loader, inventory=inventory)
         groups = {name: [h.name for h in g.get_hosts()] for name, g in inventory.groups.items()}
         hostvars = {}
+        defaults = _role_defaults(loader) if reach else {}
         for host in inventory.get_hosts():
             raw = variables.get_vars(host=host, include_hostvars=False)
             hostvars[host.name] = Templar(loader=loader, variables=raw).template(
                 {k: v for k, v in raw.items() if k.startswith(("iosea_", "slurm_", "nfs_"))}
             )
+            if reach:
+                in_groups = {g.name for g in host.get_groups()}
+                hostvars[host.name]["_reach"] = _reach_vars(loader, defaults, raw, host.name, in_groups)
         some_host = inventory.get_hosts()[0] if inventory.get_hosts() else None
         raw_all = variables.get_vars(host=some_host, include_hostvars=False) if some_host else {}
         site_vars = Templar(loader=loader, variables=raw_all).template(
@@ -248,6 +283,136 @@ def _read_inventory(path: Path) -> tuple[dict[str, Any], dict[str, list[str]], d
     except AnsibleError as exc:
         raise SiteError(f"cannot read the site inventory {path}: {exc.message}") from None
     return _plain(site_vars), groups, _plain(hostvars)
+
+
+# The variables of a host a health check needs: Ansible's own connection variables, and the role
+# settings it probes (their defaults are read from the roles themselves, so both sides agree).
+_CONNECTION_VARS = (
+    "ansible_connection",
+    "ansible_host",
+    "ansible_port",
+    "ansible_user",
+    "ansible_ssh_private_key_file",
+    "ansible_ssh_common_args",
+    "ansible_ssh_extra_args",
+    "ansible_python_interpreter",
+    "ansible_become",
+    "iosea_ssh_known_hosts",
+)
+_ROLE_SETTINGS = {
+    "munge": ("munge_key_file", "munge_socket"),
+    "nfs_ganesha": (
+        "nfs_ganesha_instance_dir",
+        "nfs_ganesha_address",
+        "nfs_ganesha_port",
+        "nfs_ganesha_mount_port",
+    ),
+}
+
+
+def _role_defaults(loader: Any) -> dict[str, Any]:
+    """The defaults of the roles whose settings a health check probes (lowest precedence, as in Ansible).
+
+    Read with Ansible's loader: its data may be templated (ansible-core 2.19 templates only data
+    from trusted sources).
+    """
+    from ansible.errors import AnsibleError
+
+    found: dict[str, Any] = {}
+    for role in _ROLE_SETTINGS:
+        path = DATA_DIR / "roles" / role / "defaults" / "main.yml"
+        try:
+            try:
+                data = loader.load_from_file(str(path), trusted_as_template=True)
+            except TypeError:  # ansible-core before 2.19 templates whatever it loads
+                data = loader.load_from_file(str(path))
+            found.update(data or {})
+        except AnsibleError as exc:
+            raise SiteError(f"cannot read the defaults of role {role} ({path}): {exc.message}") from None
+    return found
+
+
+def _reach_vars(
+    loader: Any, defaults: dict[str, Any], raw: dict[str, Any], host: str, groups: set[str]
+) -> dict[str, Any]:
+    """The connection variables and role settings of one host, each templated on its own.
+
+    A variable that cannot be templated outside a play (``ansible_python_interpreter: "{{
+    ansible_playbook_python }}"`` on the local site) counts as unset: the check does not need it.
+    Role settings are those of the roles the host's groups run (nfs_ganesha: datanodes only).
+    """
+    from ansible.errors import AnsibleError
+    from ansible.template import Templar
+
+    wanted = [
+        k
+        for role, names in _ROLE_SETTINGS.items()
+        if role != "nfs_ganesha" or DATANODES_GROUP in groups
+        for k in names
+    ]
+    variables = {**defaults, **raw, "inventory_hostname": host}
+    templar = Templar(loader=loader, variables=variables)
+    found: dict[str, Any] = {}
+    for key in (*_CONNECTION_VARS, *wanted):
+        if key not in variables:
+            continue
+        try:
+            found[key] = _plain(templar.template(variables[key]))
+        except AnsibleError:
+            found[key] = None
+    return found
+
+
+def _known_hosts(reach: dict[str, Any]) -> tuple[str, ...]:
+    """A host's known-hosts files: iosea_ssh_known_hosts, else ssh's UserKnownHostsFile, else ssh's own."""
+    if reach.get("iosea_ssh_known_hosts"):
+        return (os.path.expanduser(str(reach["iosea_ssh_known_hosts"])),)
+    import shlex
+
+    for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+        words = shlex.split(str(reach.get(key) or ""))
+        for i, word in enumerate(words):
+            option = word[2:] if word.startswith("-o") and len(word) > 2 else None
+            if word == "-o" and i + 1 < len(words):
+                option = words[i + 1]
+            if option and option.split("=", 1)[0].strip().lower() == "userknownhostsfile":
+                return tuple(os.path.expanduser(p) for p in option.split("=", 1)[1].split())
+    return (os.path.expanduser("~/.ssh/known_hosts"), "/etc/ssh/ssh_known_hosts")
+
+
+def _host(name: str, groups: dict[str, list[str]], reach: dict[str, Any]) -> Host:
+    """A :class:`Host` from its inventory variables; SiteError for a connection the check cannot make."""
+    connection = str(reach.get("ansible_connection") or "ssh")
+    if connection not in ("local", "ssh", "smart", "paramiko", "paramiko_ssh"):
+        raise SiteError(
+            f"host {name}: ansible_connection {connection!r} is not one `site check` can use (local or ssh)"
+        )
+    try:
+        port = int(reach.get("ansible_port") or 22)
+    except (TypeError, ValueError):
+        raise SiteError(f"host {name}: ansible_port {reach.get('ansible_port')!r} is not a port") from None
+    python = reach.get("ansible_python_interpreter")
+    if not isinstance(python, str) or not python.startswith("/") or any(c.isspace() for c in python):
+        python = "/usr/bin/python3"
+    member = tuple(
+        sorted(g for g, hosts in groups.items() if name in hosts and g not in ("all", "ungrouped"))
+    )
+    return Host(
+        name=name,
+        groups=member,
+        local=connection == "local",
+        address=str(reach.get("ansible_host") or name),
+        port=port,
+        user=str(reach["ansible_user"]) if reach.get("ansible_user") else None,
+        key_file=os.path.expanduser(str(reach["ansible_ssh_private_key_file"]))
+        if reach.get("ansible_ssh_private_key_file")
+        else None,
+        known_hosts=_known_hosts(reach),
+        python=python,
+        become=str(reach.get("ansible_become")).lower() in ("true", "yes", "1"),
+        connection="local" if connection == "local" else "ssh",
+        settings={k: reach[k] for names in _ROLE_SETTINGS.values() for k in names if k in reach},
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -275,12 +440,35 @@ def _check(schema: vol.Schema, data: dict[str, Any], where: str) -> dict[str, An
         raise SiteError("the site inventory is invalid", details=problems) from None
 
 
-def load_site(explicit: str | os.PathLike | None = None) -> Site:
-    """Load and check the site inventory chosen by ``--site``/``IOSEA_WF_SITE`` (default: local)."""
+def _inventory_path(explicit: str | os.PathLike | None) -> Path:
     path = site_path(explicit)
     if not (path / "hosts.yml").is_file() and not (path / "hosts").is_file():
         raise SiteError(f"no site inventory at {path} (expected {path}/hosts.yml)")
-    site_vars, groups, hostvars = _read_inventory(path)
+    return path
+
+
+def load_site(explicit: str | os.PathLike | None = None) -> Site:
+    """Load and check the site inventory chosen by ``--site``/``IOSEA_WF_SITE`` (default: local)."""
+    path = _inventory_path(explicit)
+    return _site(path, *_read_inventory(path))
+
+
+def load_site_hosts(
+    explicit: str | os.PathLike | None = None,
+) -> tuple[Site, dict[str, Host], dict[str, list[str]]]:
+    """The site, every host of its inventory (how to reach it) and its groups, from one reading."""
+    path = _inventory_path(explicit)
+    site_vars, groups, hostvars = _read_inventory(path, reach=True)
+    reach = {name: hv.pop("_reach", {}) for name, hv in hostvars.items()}
+    site = _site(path, site_vars, groups, hostvars)
+    hosts = {name: _host(name, groups, reach[name]) for name in groups.get("all", sorted(reach))}
+    return site, hosts, groups
+
+
+def _site(
+    path: Path, site_vars: dict[str, Any], groups: dict[str, list[str]], hostvars: dict[str, dict[str, Any]]
+) -> Site:
+    """The site model of an inventory already read, checked."""
     v = _check(_SITE_VARS, site_vars, f"{path}/group_vars")
     problems: list[str] = []
 

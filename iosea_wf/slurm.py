@@ -405,3 +405,58 @@ def submit_allocation(
     if not job_id.isdigit():
         raise SlurmError(f"sbatch gave no job id for {name}: {proc.stdout.strip()!r}")
     return job_id
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """A Slurm node as ``sinfo`` reports it: its long state (with Slurm's flag suffixes) and reason."""
+
+    node: str
+    state: str
+    reason: str = ""
+
+    @property
+    def problem(self) -> str | None:
+        """Why the node is not a healthy member of the cluster (None when it is): the health check's rule.
+
+        Not registered: Slurm has not heard from its slurmd (``unknown``, or ``*``: not responding).
+        Out of service: drained, down, failed... (the states where Slurm gives it no new work).
+        """
+        base = self.state.rstrip("*~#!%$@^-").lower()
+        why = f" ({self.reason})" if self.reason and self.reason.lower() != "none" else ""
+        if base == "unknown" or self.state.endswith("*"):
+            return f"slurmd not registered with slurmctld: state {self.state}{why}"
+        if base in _NO_NEW_WORK:
+            return f"{base} in Slurm{why}"
+        return None
+
+
+_NODE_FIELDS = "NodeList:|,StateLong:|,Reason:|"
+
+
+def node_states_argv() -> list[str]:
+    """The one ``sinfo`` that tells every node's state (run by :func:`node_states`, or on the controller)."""
+    return ["sinfo", "-h", "-N", "-O", _NODE_FIELDS]
+
+
+def parse_node_states(stdout: str) -> dict[str, NodeState]:
+    """{node: NodeState} from the output of :func:`node_states_argv` (a node in two partitions once)."""
+    found: dict[str, NodeState] = {}
+    for line in stdout.splitlines():
+        node, state, reason = ([p.strip() for p in line.split("|")] + ["", "", ""])[:3]
+        if node and state and node not in found:
+            found[node] = NodeState(node, state, reason)
+    return found
+
+
+def node_states(timeout: float = 10) -> dict[str, NodeState]:
+    """Every node's state, asked of slurmctld once (SlurmUnreachable when it does not answer)."""
+    argv = node_states_argv()
+    return parse_node_states(_run(argv, timeout=timeout).stdout)
+
+
+def node_states_answer(argv: list[str], returncode: int, stdout: str, stderr: str) -> dict[str, NodeState]:
+    """What :func:`node_states` returns, from the answer of its ``sinfo`` run on another host."""
+    if returncode != 0:
+        _raise_failure(argv, subprocess.CompletedProcess(argv, returncode, stdout, stderr))
+    return parse_node_states(stdout)

@@ -82,12 +82,12 @@ def _attached_services(session: dict[str, Any], step_def) -> list[dict[str, Any]
 
 
 def require_active_services(session: dict[str, Any], services: list[dict[str, Any]], doing: str) -> None:
-    """Refuse (SessionConflict) when a service the command would attach is no longer ACTIVE.
+    """Refuse (SessionConflict) when a service the command would attach is LOST.
 
     A service whose allocation ended was torn down and recorded LOST: a job attaching it would
     find no server, so nothing is submitted; `stop` cleans what is left of the session.
     """
-    gone = [s for s in services if s.get("state", "ACTIVE") != "ACTIVE"]
+    gone = [s for s in services if s.get("state") == "LOST"]
     if gone:
         raise SessionConflict(
             f"session {session['name']!r}: cannot {doing}: "

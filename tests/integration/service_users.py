@@ -1,9 +1,9 @@
 """Real Unix users and the Workflow Manager service, shared by the tests that drive one through the other.
 
 Import the fixtures into a test module (``from tests.integration.service_users import as_user,
-client_bin, service, users  # noqa: F401``); each module then gets its own venv, service and users
-(module scope). Where they point (a private `iosea-wf serve`, or later the site's own service) is
-decided here only.
+client_bin, service, users  # noqa: F401``); each module then gets its own service and users
+(module scope); the client venv is built once per test session. Where they point (a private
+`iosea-wf serve`, or later the site's own service) is decided here only.
 
 - ``user_venv``: a venv of Debian's python3 with this checkout installed (editable), runnable by
   every user, kept in /var/tmp across runs. The service runs from it: the job scripts it writes
@@ -57,9 +57,12 @@ def user_venv():
     return venv / "bin"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client_bin():
-    """bin/ of a venv every user can run: Debian's python3, the project's wheel, the client's needs."""
+    """bin/ of a venv every user can run: Debian's python3, the project's wheel, the client's needs.
+
+    One for the whole test session (the wheel of this checkout does not change during it).
+    """
     if os.geteuid() != 0:
         pytest.skip("real users need root")
     if not os.access(SYSTEM_PYTHON, os.X_OK):

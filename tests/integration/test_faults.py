@@ -344,13 +344,29 @@ def test_a_killed_ganesha_shows_its_services_lost_until_it_answers_again(tmp_pat
         assert [r.returncode for r in stopped] == [0, 0], [r.stderr for r in stopped]
 
 
-def test_the_nfs_probe_tells_a_missing_export_from_a_silent_server(inprocess_site):
+def test_the_nfs_probe_tells_a_missing_export_from_a_silent_server(tmp_path, cli_env):
     from iosea_wf.service_types import nfs
-    from iosea_wf.site import load_site
 
-    node = next(iter(load_site(str(inprocess_site)).datanodes.values()))
-    port = node.hostvars["nfs_ganesha_port"]
-    base = {"type": "NFS", "address": node.address, "datanode": node.name}
+    # A live session of this test's own keeps its datanode's ganesha running (an instance stops
+    # by itself when its last export is removed): "gone" asks that server for an export it lacks.
+    work = tmp_path / "work"
+    work.mkdir()
+    ns = tmp_path / "ns"
+    ns.mkdir()
+    (work / "wdf.yaml").write_text(WDF_NFS.format(ns=ns))
+    r = _cli(cli_env, work, "start", "WORKFLOW=wdf.yaml", "SESSION=probe", "--json")
+    assert r.returncode == 0, r.stderr
+    try:
+        svc = json.loads(r.stdout)["services"][0]
+        port = int(svc["url"].split("nfsport=")[1].split("&")[0])
+        base = {"type": "NFS", "address": "127.0.0.1", "datanode": svc["datanode"]}
+        _probe_a_missing_export_a_silent_and_a_refusing_server(nfs, base, port)
+    finally:
+        r = _cli(cli_env, work, "stop", "SESSION=probe")
+        assert r.returncode == 0, r.stderr
+
+
+def _probe_a_missing_export_a_silent_and_a_refusing_server(nfs, base, port) -> None:
     with socket.socket() as silent, socket.socket() as closed:
         silent.bind(("127.0.0.1", 0))
         silent.listen()  # accepts connections (the kernel does), never answers a call
