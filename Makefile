@@ -71,6 +71,8 @@ MULTIHOST_VARS = -e workflow_manager_wheel=$(abspath $(wildcard $(WHEEL_DIR)/ios
   -e workflow_manager_pip_find_links=$(abspath $(WHEELHOUSE))
 
 wheelhouse: wheel
+	@# pip would take a wheelhouse's older iosea_wf wheel of the same name for the new one.
+	@rm -f $(WHEELHOUSE)/iosea_wf-*.whl
 	@$(BIN)/pip wheel -q --disable-pip-version-check -w $(WHEELHOUSE) $(WHEEL_DIR)/iosea_wf-*.whl 2>&1 \
 	  | grep -v '^WARNING: Location' || true
 
