@@ -9,7 +9,8 @@ of a shared machine (its copies vary several-fold from one second to the next) i
 of them rather than hitting whichever runs at a given point of the sequence. Aims, as ratios to
 ``cp -a``: (a) mover copy <= 1.2x; (b) mover copy faster than rsync -a; verified move <= 1.5x;
 (b) also a no-op rerun of each copy onto its own unchanged output ("mover rerun" against "rsync -a
-rerun": aim <= 1.5x, "about the time of rsync -a"); (c) the sparse file copied by the mover in about
+rerun": aim <= 1.2x, "about the time of rsync -a"; the mover's quick check stats both sides once,
+hashes nothing and syncs nothing); (c) the sparse file copied by the mover in about
 ``cp -a``'s time (aim: within 0.3 s of it; ``cp -a`` copies only the data, and the mover's start-up
 alone is ~0.1 s).
 
@@ -30,7 +31,9 @@ aims themselves are ratios to plain ``cp -a``, as specified.
 The mover is timed as installed, byte-compiled (``bench/installed.py``): where
 PYTHONDONTWRITEBYTECODE is set, an editable install would compile its modules on every run.
 
-Run: ``.venv/bin/python bench/mover.py`` (needs rsync: ``apt-get install rsync``).
+Run: ``.venv/bin/python bench/mover.py`` (needs rsync, not installed on these machines by
+default: ``apt-get install -y rsync``). ``--only b --settle 0 --runs 5`` times the no-op reruns
+quickly (the settle only matters for the timed moves).
 """
 
 from __future__ import annotations
@@ -267,7 +270,7 @@ def main() -> int:
             aim += f", move<=1.5x: {'met' if best['mover move'] <= 1.5 * cp else 'MISSED'}"
             if "mover rerun" in best:
                 ratio = best["mover rerun"] / best["rsync -a rerun"]
-                aim += f", rerun<=1.5x rsync rerun ({ratio:.2f}x): {'met' if ratio <= 1.5 else 'MISSED'}"
+                aim += f", rerun<=1.2x rsync rerun ({ratio:.2f}x): {'met' if ratio <= 1.2 else 'MISSED'}"
             line = f"({key}) {label} [best of {args.runs}]: " + " | ".join(parts) + f" | {aim}"
             print(line, flush=True)
             lines.append(line)

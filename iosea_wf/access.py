@@ -67,7 +67,7 @@ def open_allocation(
     env.update(jobs.service_environment(record, attached))
     inner = jobs.attach_command(
         attached,
-        site.variables.get("iosea_service_attach", "env"),
+        site.attach,
         list(command) or [os.environ.get("SHELL") or "/bin/bash"],
     )
     argv = ["salloc", f"--job-name={job_name}", f"--partition={partition}"]

@@ -291,16 +291,28 @@ def _interpreter(script: Path) -> list[str]:
     return shlex.split(first[2:]) if first.startswith("#!") else ["/bin/sh"]
 
 
+# What needs iosea_wf.attach inside the job (``env`` only sets variables).
+ATTACH_WRAPPED = ("bind", "nfs")
+
+
 def attach_command(attached: list[dict[str, Any]], attach_mode: str, command: list[str]) -> list[str]:
-    """``command`` wrapped so that it runs with the services attached the site's way."""
-    if attach_mode != "bind" or not attached:
+    """``command`` wrapped so that it runs with the services attached the site's way.
+
+    ``bind``: each namespace bound at its mountpoint; ``nfs``: each service's export mounted there
+    through the user's FUSE NFS client, so the job's I/O goes through the service's server.
+    """
+    if attach_mode not in ATTACH_WRAPPED or not attached:
         return list(command)
-    binds = []
+    specs = []
     for s in attached:
-        binds += ["--bind", f"{s['namespace']}:{s['mountpoint']}:{'ro' if s['mode'] == 'RO' else 'rw'}"]
+        mode = "ro" if s["mode"] == "RO" else "rw"
+        if attach_mode == "nfs":
+            specs += ["--nfs", f"{s['url']}:{s['mountpoint']}:{mode}"]
+        else:
+            specs += ["--bind", f"{s['namespace']}:{s['mountpoint']}:{mode}"]
     # iosea_wf.attach makes the job's namespaces itself: as root a private mount namespace, as
     # any other user a user namespace too, then maps the user's own uid back (see attach.py).
-    return [sys.executable, "-m", "iosea_wf.attach", *binds, "--", *command]
+    return [sys.executable, "-m", "iosea_wf.attach", *specs, "--", *command]
 
 
 def write_step_script(

@@ -76,7 +76,11 @@ class Context:
     def store(self) -> st.Store:
         """The session store, opened once."""
         if self._store is None:
-            self._store = st.Store(self.state_dir)
+            # Ended sessions are archived by a command that has read the site anyway (a `start`):
+            # a `status` never loads the inventory for it.
+            self._store = st.Store(
+                self.state_dir, keep_days=lambda: self._site.store_keep_days if self._site else None
+            )
         return self._store
 
 
@@ -1005,7 +1009,7 @@ def _session_by_id(ctx: Context, session_id: str) -> dict[str, Any]:
 def list_sessions(ctx: Context, *, include_ended: bool = False) -> list[dict[str, Any]]:
     """The user's sessions (live ones, or all with ``include_ended``) as summaries."""
     rows = []
-    for s in ctx.store.sessions_of(ctx.user):
+    for s in ctx.store.sessions_of(ctx.user, archived=include_ended):
         if not include_ended and s["state"] not in st.LIVE_STATES and not s.get("resources_left"):
             continue
         rows.append({**session_summary(s), "shared_mode": None})

@@ -29,6 +29,11 @@ LOCAL_SITE = DATA_DIR / "inventories" / "local"
 DATANODES_GROUP = "datanodes"
 COMPUTE_GROUP = "compute"
 
+# How a job sees its services (iosea_service_attach): `bind` binds each namespace at its mountpoint
+# in the job's private mount namespace, `nfs` mounts each service's export there through the
+# user's FUSE NFS client (the job's I/O goes through the server), `env` only sets variables.
+ATTACH_METHODS = ("bind", "nfs", "env")
+
 
 @dataclass(frozen=True)
 class Module:
@@ -100,6 +105,24 @@ class Site:
     # Addresses of every compute node and datanode: the only NFS clients an export admits.
     nfs_clients: tuple[str, ...] = ()
     variables: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def store_keep_days(self) -> float:
+        """Days an ended session stays in the live store before it is archived (iosea_store_keep_days)."""
+        from .store import DEFAULT_KEEP_DAYS
+
+        return self.variables.get("iosea_store_keep_days", DEFAULT_KEEP_DAYS)
+
+    @property
+    def attach(self) -> str:
+        """The site's attach method for jobs (iosea_service_attach)."""
+        return self.variables.get("iosea_service_attach", "env")
+
+    @property
+    def attach_methods(self) -> tuple[str, ...]:
+        """Every attach method the site offers (iosea_service_attach_methods; its default first)."""
+        offered = self.variables.get("iosea_service_attach_methods") or []
+        return (self.attach, *[m for m in offered if m != self.attach])
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able snapshot (a session keeps the site it was started on)."""
@@ -186,6 +209,12 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise vol.Invalid(f"expected a non-negative number of days, got {value!r}")
+    return value
+
+
 # What an NFS server may be told is a client: an address, a host name or a CIDR network.
 _CLIENT = re.compile(r"^[A-Za-z0-9_.:*?-]+(/[0-9]{1,3})?$")
 
@@ -223,6 +252,14 @@ _SITE_VARS = vol.Schema(
             msg="required: the directories dataset namespaces may live in (e.g. [/home, /scratch])",
         ): vol.All([str], vol.Length(min=1, msg="list at least one directory")),
         vol.Optional("iosea_nfs_clients"): vol.All([str], vol.Length(min=1)),
+        vol.Optional("iosea_store_keep_days"): _non_negative_number,
+        vol.Optional("iosea_service_attach", default="env"): vol.In(
+            ATTACH_METHODS, msg=f"expected one of {', '.join(ATTACH_METHODS)}"
+        ),
+        vol.Optional("iosea_service_attach_methods"): vol.All(
+            [vol.In(ATTACH_METHODS, msg=f"expected one of {', '.join(ATTACH_METHODS)}")],
+            vol.Length(min=1, msg="list at least one method"),
+        ),
     },
     extra=vol.ALLOW_EXTRA,
 )
@@ -539,6 +576,12 @@ def _site(
             roots.append(resolved)
     if v["iosea_default_flavor"] not in flavors:
         problems.append(f"iosea_default_flavor {v['iosea_default_flavor']!r} is not a flavor")
+    offered = v.get("iosea_service_attach_methods")
+    if offered is not None and v["iosea_service_attach"] not in offered:
+        problems.append(
+            f"iosea_service_attach {v['iosea_service_attach']!r} is not in iosea_service_attach_methods "
+            f"({', '.join(offered)})"
+        )
     if v["iosea_default_module"] not in modules:
         problems.append(f"iosea_default_module {v['iosea_default_module']!r} is not a module")
     if problems:

@@ -104,6 +104,21 @@ def tier_dir(session: dict[str, Any]) -> str:
     return f"{session['name']}.{session['id'][:12]}"
 
 
+def attach_method(site, step_def) -> str:
+    """How the step's job sees its services: the WDF's choice, else the site's (SiteError if not offered).
+
+    A WDF is checked against the site at start; a session started on a site that offered the
+    method keeps it (the site snapshot), and one that no longer does is refused here.
+    """
+    chosen = step_def.attach or site.attach
+    if chosen not in site.attach_methods:
+        raise SiteError(
+            f"step {step_def.name}: attach method {chosen!r} is not offered by the site "
+            f"(offered: {', '.join(site.attach_methods)})"
+        )
+    return chosen
+
+
 def _check_job_python(who: slurm.OnBehalf, step_def, attach_mode: str) -> None:
     """Refuse a run whose jobs would run this process's Python as a user who cannot run it (SiteError).
 
@@ -112,7 +127,7 @@ def _check_job_python(who: slurm.OnBehalf, step_def, attach_mode: str) -> None:
     fail with "Permission denied" at their first line.
     """
     uses_python = any(ref.datamovers for ref in step_def.services) or (
-        attach_mode == "bind" and bool(step_def.services)
+        attach_mode in jobs.ATTACH_WRAPPED and bool(step_def.services)
     )
     if not uses_python:
         return
@@ -143,13 +158,13 @@ def plan_run(
         )
     site = ctx.site_of(session)
     if who is not None:
-        _check_job_python(who, step_def, site.variables.get("iosea_service_attach", "env"))
+        _check_job_python(who, step_def, attach_method(site, step_def))
     instance = 1 + max((s["instance"] for s in session.get("steps", []) if s["name"] == step), default=0)
     workdir, outdir = _instance_dir(ctx.store.state_dir, session, step, instance, who)
     base = f"iosea.{session['name']}.{step}.{instance}"
     attached = _attached_services(session, step_def)
     require_active_services(session, attached, f"run step {step}")
-    attach_mode = site.variables.get("iosea_service_attach", "env")
+    attach_mode = attach_method(site, step_def)
 
     movers: list[dict[str, Any]] = []
     pipeline: dict[str, Any] = {"cwd": cwd, "start_movers": [], "stop_movers": [], "user_dirs": []}

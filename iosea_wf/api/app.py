@@ -76,8 +76,9 @@ class Service:
 
     def __init__(self, site_dir: str | None, state_dir: str | Path, *, verbose: bool = False):
         self.site: Site = load_site(site_dir)
-        # Long-lived: shared reads (status, list) reuse the parsed store while its file is unchanged.
-        self.store = st.Store(state_dir, cache=True)
+        # Long-lived: reads and writes reuse the parsed store while its file is unchanged; ended
+        # sessions move to the archive after the site's iosea_store_keep_days.
+        self.store = st.Store(state_dir, keep_days=self.site.store_keep_days)
         self.verbose = verbose
 
     def context(self, caller: identity.Caller, slurm_jwt: str | None = None) -> manager.Context:

@@ -228,13 +228,20 @@ def main(argv: list[str] | None = None) -> int:
         bar.stop()
     if result.state == "cancelled":
         signum = received[0] if received else signal.SIGTERM
-        _say(f"{result.operation} cancelled by signal {signum}; rerun the same command to finish it", console)
+        _say(
+            f"{result.operation} cancelled by signal {signum} ({result.files_done}/{result.files_total}"
+            f" files done, {result.files_left} left, {result.files_failed} failed);"
+            " rerun the same command to finish it",
+            console,
+        )
         return 128 + signum
     rate = result.bytes_copied / result.elapsed_s if result.elapsed_s > 0 else 0.0
     _say(
         f"{result.operation} {result.state}: {result.files_done}/{result.files_total} files, "
         f"{result.bytes_done} bytes ({result.bytes_copied} copied now, {rate / 1e6:.1f} MB/s) "
-        f"in {result.elapsed_s:.2f} s" + (f", {result.files_failed} failed" if result.files_failed else ""),
+        f"in {result.elapsed_s:.2f} s"
+        + (f", {result.files_failed} failed" if result.files_failed else "")
+        + (f", {result.files_left} left (stopped early: rerun to finish)" if result.files_left else ""),
         console,
     )
     return result.exit_code

@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import platform
 import re
 import stat
 
@@ -24,7 +23,7 @@ _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 # openat2 has one number on every architecture that has it (it came after the syscall tables merged).
-_SYS_OPENAT2 = 437 if platform.machine() in ("x86_64", "aarch64", "riscv64", "ppc64le", "s390x") else None
+_SYS_OPENAT2 = 437 if os.uname().machine in ("x86_64", "aarch64", "riscv64", "ppc64le", "s390x") else None
 _OCTAL = re.compile(rb"\\([0-7]{3})")
 SYMLINK_IN_PATH = "a directory on its path is a symlink (or was swapped for one); not followed"
 
@@ -144,10 +143,14 @@ def make_dirs(root_fd: int, rel: str) -> int:
 
 
 # -- overlap of the two roots ------------------------------------------------------------------
-def _ancestry(path: str) -> list[tuple[int, int]]:
-    """(st_dev, st_ino) of ``path`` and of each directory above it, following '..' to '/'."""
+def _ancestry(path: str | int) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of ``path`` (or of open directory ``path``) and of each directory above
+    it, following '..' to '/'."""
     ids: list[tuple[int, int]] = []
-    fd = os.open(path, DIR_FLAGS & ~os.O_NOFOLLOW)
+    if isinstance(path, int):
+        fd = os.open(".", DIR_FLAGS, dir_fd=path)
+    else:
+        fd = os.open(path, DIR_FLAGS & ~os.O_NOFOLLOW)
     try:
         while True:
             st = os.fstat(fd)
@@ -193,6 +196,20 @@ def _fs_location(path: str) -> tuple[str, str] | None:
 
 def _contains(outer: str, inner: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def overlap_open(source_fd: int, target_fd: int) -> str | None:
+    """Why open directories ``source_fd`` and ``target_fd`` overlap (one is, or is inside, the
+    other, by '..'), or None. The roots as opened: a root swapped since :func:`overlap` judged its
+    path is judged again, by what the descriptors hold."""
+    src_up, dst_up = _ancestry(source_fd), _ancestry(target_fd)
+    if src_up[0] == dst_up[0]:
+        return "--source and --target are the same directory"
+    if src_up[0] in dst_up:
+        return "--target is inside --source"
+    if dst_up[0] in src_up:
+        return "--source is inside --target"
+    return None
 
 
 def overlap(source: str, target: str) -> str | None:

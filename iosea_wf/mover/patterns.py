@@ -7,9 +7,10 @@ Pattern rules (``fnmatch`` per path component, so a leading dot is not special):
 * a matched directory is taken recursively; a matched file or symlink is taken as is;
 * absolute patterns, ``..`` components, and a pattern whose literal part goes through or names a
   symlink that points outside the source are refused (:class:`MoverUsageError`, nothing is done);
-* symlinks are never followed while walking; a symlink found by a wildcard or inside a matched
-  directory is copied as a symlink when it resolves inside the source, and reported as a per-file
-  error otherwise;
+* symlinks are never followed while walking: every directory is listed through a descriptor
+  opened beneath the source's (:func:`dirs.open_dir`), so one swapped for a symlink is an error;
+  a symlink found by a wildcard or inside a matched directory is copied as a symlink when it
+  resolves inside the source, and reported as a per-file error otherwise;
 * FIFOs, sockets and devices are reported as per-file errors (opening a FIFO would block forever);
 * the mover's own journal directory and temporary files are never matched (a target inside the
   source is refused before planning; the plan records the ``(st_dev, st_ino)`` of every source
@@ -24,6 +25,7 @@ import re
 import stat
 from collections.abc import Callable, Iterator
 
+from iosea_wf.mover import dirs
 from iosea_wf.mover.errors import MoverUsageError
 
 JOURNAL_DIR = ".iosea-mover"
@@ -104,33 +106,46 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 
 
-def link_text_inside(link_abs: str, root: str) -> str | None:
-    """Return the text to give a copy of symlink ``link_abs``, or None when it resolves outside ``root``.
+def _link_text_inside(dir_fd: int, name: str, parent_path: str, root: str) -> str | None:
+    """Return the text to give a copy of symlink ``name`` in open directory ``dir_fd`` (the source
+    directory at ``parent_path``), or None when it resolves outside ``root``.
 
     The text is kept as it is, as ``cp -a`` keeps it: rewriting an absolute link into a relative
-    one re-pointed links whose path went through other symlinks (dangling after a move).
+    one re-pointed links whose path went through other symlinks (dangling after a move). The link
+    is read through the descriptor its directory was listed with: no path to it is resolved again.
     """
-    text = os.readlink(link_abs)
-    if not _inside(os.path.realpath(link_abs), root):
+    text = os.readlink(name, dir_fd=dir_fd)
+    if not _inside(os.path.realpath(os.path.join(parent_path, text)), root):
         return None
     return text
 
 
 class _Resolver:
-    def __init__(self, root: str, skip: tuple[int, int] | None, cancelled: Callable[[], bool]):
+    def __init__(self, root: str, root_fd: int, skip, cancelled: Callable[[], bool]):
         self.root = root
+        self.root_fd = root_fd  # every directory is opened beneath it, no symlink followed
         self.skip = skip  # (st_dev, st_ino) of the target when it lies inside the source
         self.cancelled = cancelled
         self.plan = Plan()
         self.seen: set[str] = set()
         self.trees: set[str] = set()  # dirs already taken whole: '**' yields each of their subdirs too
         self.said: set[str] = set()  # notes already made
+        self.listing_errors: set[str] = set()  # dirs whose listing failed ('**' may list one twice)
+
+    def _open(self, rel: str) -> int:
+        """Open source directory ``rel`` beneath the root (:func:`dirs.open_dir`: no symlink followed)."""
+        return dirs.open_dir(self.root_fd, rel)
+
+    def _cannot_list(self, rel: str, err: OSError) -> None:
+        if rel not in self.listing_errors:
+            self.listing_errors.add(rel)
+            self.plan.errors.append(f"{rel or '.'}: cannot list: {err.strerror}")
 
     def _skipped_name(self, name: str, parent: str) -> bool:
         """Whether ``name`` (in source dir ``parent``) is one of the mover's own files: never taken,
         and said, so that a user's entry of that name is not left behind silently."""
         if name == JOURNAL_DIR:
-            if self._only_mover_files(os.path.join(self.root, parent, name)):
+            if self._only_mover_files(_join(parent, name)):
                 return True  # the journal or record of a mover that wrote here: not worth a word
             what = "the mover's journal directory"
         elif TEMP_MARK in name and TEMP_RE.match(name) is not None:
@@ -143,12 +158,17 @@ class _Resolver:
             self.plan.notes.append(note)
         return True
 
-    @staticmethod
-    def _only_mover_files(path: str) -> bool:
+    def _only_mover_files(self, rel: str) -> bool:
         try:
-            names = os.listdir(path)
+            fd = self._open(rel)
         except OSError:
             return False
+        try:
+            names = os.listdir(fd)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
         return all(n in _MOVER_FILES or ".tmp-" in n for n in names)
 
     def _is_skipped_dir(self, st: os.stat_result) -> bool:
@@ -162,23 +182,40 @@ class _Resolver:
             self._take(rel, st, named=True)
         return found
 
+    def _lstat(self, rel: str) -> os.stat_result | None:
+        """lstat of ``rel`` through a descriptor of its directory; None if it is not there."""
+        parent, _, name = rel.rpartition("/")
+        try:
+            fd = self._open(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            self._cannot_list(parent, e)
+            return None
+        try:
+            return os.lstat(name, dir_fd=fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        finally:
+            os.close(fd)
+
     def _walk(self, rel: str, comps: list[str], literal: bool, pattern: str) -> Iterator:
-        here = os.path.join(self.root, rel) if rel else self.root
         if not comps:
-            yield rel, os.lstat(here)
+            st = os.fstat(self.root_fd) if not rel else self._lstat(rel)
+            if st is not None:
+                yield rel, st
             return
         head, rest = comps[0], comps[1:]
         if head == "**":
             yield from self._walk(rel, rest, False, pattern)
-            for name, st in self._children(here):
+            for name, st in self._children(rel):
                 if stat.S_ISDIR(st.st_mode):
                     yield from self._walk(_join(rel, name), comps, False, pattern)
             return
         if not _MAGIC.search(head):
             child = _join(rel, head)
-            try:
-                st = os.lstat(os.path.join(self.root, child))
-            except (FileNotFoundError, NotADirectoryError):
+            st = self._lstat(child)
+            if st is None:
                 return
             if self._skipped_name(head, rel) or (stat.S_ISDIR(st.st_mode) and self._is_skipped_dir(st)):
                 return
@@ -196,32 +233,41 @@ class _Resolver:
                 yield from self._walk(child, rest, literal, pattern)
             return
         rx = re.compile(fnmatch.translate(head))
-        for name, st in self._children(here):
+        for name, st in self._children(rel):
             if rx.match(name):
                 if not rest:
                     yield _join(rel, name), st
                 elif stat.S_ISDIR(st.st_mode):
                     yield from self._walk(_join(rel, name), rest, False, pattern)
 
-    def _children(self, path: str) -> Iterator[tuple[str, os.stat_result]]:
-        rel = "" if path == self.root else os.path.relpath(path, self.root)
+    def _children(self, rel: str) -> list[tuple[str, os.stat_result]]:
+        """The entries of source directory ``rel``, sorted, each with its lstat (one fstatat on
+        the directory's descriptor); the mover's own files and the target left out."""
         try:
-            with os.scandir(path) as it:
-                items = []
+            fd = self._open(rel)
+        except OSError as e:
+            self._cannot_list(rel, e)
+            return []
+        items = []
+        try:
+            with os.scandir(fd) as it:
                 for de in it:
-                    if self._skipped_name(de.name, rel):
+                    name = de.name
+                    if name[0] == "." and self._skipped_name(name, rel):
                         continue
                     st = de.stat(follow_symlinks=False)
                     if stat.S_ISDIR(st.st_mode):
                         if self._is_skipped_dir(st):
                             continue
                         self.plan.dir_ids.add((st.st_dev, st.st_ino))
-                    items.append((de.name, st))
+                    items.append((name, st))
         except OSError as e:
-            self.plan.errors.append(f"{os.path.relpath(path, self.root)}: cannot list: {e.strerror}")
-            return iter(())
+            self._cannot_list(rel, e)
+            return []
+        finally:
+            os.close(fd)
         items.sort()
-        return iter(items)
+        return items
 
     def _take(self, rel: str, st: os.stat_result, named: bool) -> None:
         mode = st.st_mode
@@ -236,16 +282,31 @@ class _Resolver:
         if rel in self.seen:
             return
         self.seen.add(rel)
+        parent = rel.rpartition("/")[0]
         if stat.S_ISREG(mode):
-            self._add(Entry(rel, "file", st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), st=st))
+            self._add(Entry(rel, "file", st.st_size, st.st_mtime_ns, stat.S_IMODE(mode), st=st), parent)
         elif stat.S_ISLNK(mode):
-            text = link_text_inside(os.path.join(self.root, rel), self.root)
+            text = self._link_text(rel)
             if text is None:
                 self.plan.errors.append(f"{rel}: symlink points outside the source; refused")
-            else:
-                self._add(Entry(rel, "link", 0, st.st_mtime_ns, link=text, st=st))
+            elif text is not False:
+                self._add(Entry(rel, "link", 0, st.st_mtime_ns, link=text, st=st), parent)
         else:
             self.plan.errors.append(f"{rel}: not a regular file, directory or symlink; refused")
+
+    def _link_text(self, rel: str):
+        """The text of symlink ``rel`` if it resolves inside the source, None if not, False when it
+        cannot be read (an error for it is in the plan)."""
+        parent, _, name = rel.rpartition("/")
+        try:
+            fd = self._open(parent)
+            try:
+                return _link_text_inside(fd, name, _join_path(self.root, parent), self.root)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.plan.errors.append(f"{rel}: cannot read the symlink: {e.strerror}")
+            return False
 
     def _in_taken_tree(self, rel: str) -> bool:
         while True:
@@ -255,30 +316,52 @@ class _Resolver:
                 return False
             rel = os.path.dirname(rel)
 
-    def _add(self, entry: Entry) -> None:
+    def _add(self, entry: Entry, parent: str) -> None:
         self.plan.entries.append(entry)
-        parent = os.path.dirname(entry.rel)
-        while parent not in self.plan.dirs:
-            self.plan.dirs.add(parent)
+        dirs_ = self.plan.dirs
+        while parent not in dirs_:
+            dirs_.add(parent)
             if not parent:
                 break
-            parent = os.path.dirname(parent)
+            parent = parent.rpartition("/")[0]
 
     def _take_tree(self, top: str) -> None:
         stack = [top]
+        seen, entries, dirs_ = self.seen, self.plan.entries, self.plan.dirs
+        S_ISDIR, S_ISREG, S_IMODE = stat.S_ISDIR, stat.S_ISREG, stat.S_IMODE
         while stack:
             if self.cancelled():
                 return
             rel = stack.pop()
             self.plan.tree_dirs.add(rel)
             subdirs = []
-            for name, st in self._children(os.path.join(self.root, rel) if rel else self.root):
-                child = _join(rel, name)
-                if stat.S_ISDIR(st.st_mode):
+            prefix = f"{rel}/" if rel else ""
+            for name, st in self._children(rel):
+                child = prefix + name
+                mode = st.st_mode
+                if S_ISDIR(mode):
                     subdirs.append(child)
+                elif S_ISREG(mode) and child not in seen:
+                    # The common case inline (a regular file): what _take does for it.
+                    seen.add(child)
+                    entries.append(Entry(child, "file", st.st_size, st.st_mtime_ns, S_IMODE(mode), st=st))
+                    if rel not in dirs_:
+                        self._add_dir(rel)
                 else:
                     self._take(child, st, named=False)
             stack.extend(reversed(subdirs))
+
+    def _add_dir(self, rel: str) -> None:
+        dirs_ = self.plan.dirs
+        while rel not in dirs_:
+            dirs_.add(rel)
+            if not rel:
+                break
+            rel = rel.rpartition("/")[0]
+
+
+def _join_path(root: str, rel: str) -> str:
+    return os.path.join(root, rel) if rel else root
 
 
 def _join(rel: str, name: str) -> str:
@@ -290,11 +373,28 @@ def resolve(
     patterns: list[str],
     skip: tuple[int, int] | None = None,
     cancelled: Callable[[], bool] = lambda: False,
+    source_fd: int | None = None,
 ) -> Plan:
-    """Return the plan of what ``patterns`` select under the (real, absolute) ``source`` directory."""
+    """Return the plan of what ``patterns`` select under the (real, absolute) ``source`` directory.
+
+    Every directory is listed through a descriptor opened beneath ``source_fd`` (the source,
+    opened once; opened here when not given) without following a symlink: a directory swapped for
+    one while the plan is made is an error for it ("cannot list"), never listed through it.
+    """
     split = [(p, split_pattern(p)) for p in patterns]  # validate all before touching the disk
-    resolver = _Resolver(source, skip, cancelled)
-    root = os.stat(source)
+    own_fd = source_fd is None
+    if own_fd:
+        source_fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _resolve(source, source_fd, split, skip, cancelled)
+    finally:
+        if own_fd:
+            os.close(source_fd)
+
+
+def _resolve(source: str, source_fd: int, split, skip, cancelled) -> Plan:
+    resolver = _Resolver(source, source_fd, skip, cancelled)
+    root = os.fstat(source_fd)
     resolver.plan.dir_ids.add((root.st_dev, root.st_ino))
     for pattern, comps in split:
         if not resolver.match(pattern, comps):

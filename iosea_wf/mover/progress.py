@@ -5,13 +5,17 @@ The JSON document (``--progress FILE``), replaced atomically (temp file + rename
 
     {"schema_version": 1, "operation": "copy"|"move",
      "state": "running"|"completed"|"failed"|"cancelled",
-     "files_total": int, "files_done": int, "files_failed": int,
+     "files_total": int, "files_done": int, "files_failed": int, "files_left": int,
      "bytes_total": int, "bytes_done": int,
      "throughput_bytes_per_s": float, "eta_s": float|null,
      "errors": [str, ...], "warnings": [str, ...], "started_at": float, "updated_at": float}
 
 ``files_done``/``bytes_done`` count elements already complete at the target (verified by this run
-or found complete from an earlier one); ``files_done + files_failed <= files_total`` always.
+or found complete from an earlier one), ``files_failed`` those that failed (each has its reason in
+``errors``), ``files_left`` those neither done nor failed: still to do while running, and at the
+end those a cancelled or stopped run (target full, a worker died) did not reach, which a rerun
+finishes. ``files_done + files_failed + files_left == files_total`` always; a run that ends
+``completed`` or ``failed`` without stopping early leaves ``files_left == 0``.
 ``errors`` holds at most :data:`MAX_ERRORS` messages, one per failed element or failure of the
 run; ``warnings`` (as many at most) what was not transferred as asked without being an error:
 metadata the target could not keep, entries skipped because they are named like the mover's own
@@ -41,6 +45,7 @@ class Snapshot:
         "files_total",
         "files_done",
         "files_failed",
+        "files_left",
         "bytes_total",
         "bytes_done",
         "errors",
@@ -58,12 +63,14 @@ class Snapshot:
         bytes_done: int,
         errors: list[str] | None = None,
         warnings: list[str] | None = None,
+        files_left: int | None = None,
     ):
         self.operation = operation
         self.state = state
         self.files_total = files_total
         self.files_done = files_done
         self.files_failed = files_failed
+        self.files_left = files_total - files_done - files_failed if files_left is None else files_left
         self.bytes_total = bytes_total
         self.bytes_done = bytes_done
         self.errors = [] if errors is None else errors
@@ -113,6 +120,7 @@ class ProgressReporter:
             "files_total": snap.files_total,
             "files_done": snap.files_done,
             "files_failed": snap.files_failed,
+            "files_left": snap.files_left,
             "bytes_total": snap.bytes_total,
             "bytes_done": snap.bytes_done,
             "throughput_bytes_per_s": round(self.throughput, 1),

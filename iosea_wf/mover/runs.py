@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 
 from iosea_wf.mover.patterns import JOURNAL_DIR
 
 _PREFIX = "run-"
+_HOST = os.uname().nodename  # what socket.gethostname() returns, without importing socket
 
 
 def new_run_id() -> str:
@@ -43,12 +43,15 @@ class Runs:
         self.dir = os.path.join(target, JOURNAL_DIR)
         self.run_id = run_id
         self.path = os.path.join(self.dir, _PREFIX + run_id)
+        # The journal directory, opened beneath the target without following a symlink (set by
+        # the engine once the journal has opened it): every record is read and written through it.
+        self.dir_fd: int | None = None
 
     def record(self) -> None:
         """Record this run (before it creates any temporary file)."""
-        os.makedirs(self.dir, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        me = {"host": _HOST, "pid": os.getpid(), "start": _start_time(os.getpid())}
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(_PREFIX + self.run_id, flags, 0o600, dir_fd=self.dir_fd)
         try:
             os.write(fd, json.dumps(me).encode())
         finally:
@@ -60,11 +63,13 @@ class Runs:
         ``locked``: this run holds the target's exclusive lock, so no other run into it is alive.
         """
         found: set[str] = set()
+        if self.dir_fd is None:
+            return found
         try:
-            names = os.listdir(self.dir)
+            names = os.listdir(self.dir_fd)
         except OSError:
             return found
-        host = socket.gethostname()
+        host = _HOST
         for name in names:
             run_id = name[len(_PREFIX) :]
             if not name.startswith(_PREFIX) or run_id == self.run_id:
@@ -73,7 +78,8 @@ class Runs:
                 found.add(run_id)
                 continue
             try:
-                with open(os.path.join(self.dir, name), "rb") as f:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+                with open(fd, "rb") as f:
                     rec = json.loads(f.read() or b"{}")
             except (OSError, ValueError):
                 continue  # unreadable or half written: it may be alive, keep its files
@@ -89,6 +95,8 @@ class Runs:
 
     def forget(self, run_ids) -> None:
         """Remove the records of ``run_ids`` (their temporaries were removed) or this run's (None)."""
+        if self.dir_fd is None:
+            return
         for run_id in [self.run_id] if run_ids is None else run_ids:
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self.dir, _PREFIX + run_id))
+                os.unlink(_PREFIX + run_id, dir_fd=self.dir_fd)

@@ -218,6 +218,13 @@ def against_site(data: dict[str, Any], site: Site, problems: Problems) -> None:
         if isinstance(target, str) and target not in site.tiers:
             problems.add((*path, "target"), f"unknown storage tier {target!r}", one_of(list(site.tiers)))
     for i, step in entries(data, "steps"):
+        attach = step.get("attach")
+        if isinstance(attach, str) and attach not in site.attach_methods:
+            problems.add(
+                ("steps", i, "attach"),
+                f"attach method {attach!r} is not offered by the site {site.path.name}",
+                one_of(list(site.attach_methods)),
+            )
         location = step.get("location")
         if isinstance(location, str):
             if location not in site.modules:

@@ -202,4 +202,5 @@ def _build_step(validated: tuple[dict, list[dict]], site: Site | None) -> Step:
             StepService(name=use["name"][0], mode=use["name"][1], datamovers=tuple(use.get("datamovers", ())))
             for use in uses
         ),
+        attach=entry.get("attach"),
     )

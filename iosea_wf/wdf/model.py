@@ -127,6 +127,8 @@ class Step:
     location: tuple[str, ...]
     command: str
     services: tuple[StepService, ...] = ()
+    # The attach method the WDF chose for the step's job (None: the site's default).
+    attach: str | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ class Workflow:
                         {"name": ss.name, "mode": ss.mode, "datamovers": list(ss.datamovers)}
                         for ss in s.services
                     ],
+                    "attach": s.attach,
                 }
                 for s in self.steps.values()
             ],
@@ -205,6 +208,8 @@ class Workflow:
                     tuple(s["location"]),
                     s["command"],
                     tuple(StepService(x["name"], x["mode"], tuple(x["datamovers"])) for x in s["services"]),
+                    # Sessions recorded before steps could choose have no such key.
+                    s.get("attach"),
                 )
                 for s in data["steps"]
             ]

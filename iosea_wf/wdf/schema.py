@@ -16,6 +16,7 @@ import voluptuous as vol
 
 from ..errors import UsageError
 from ..jobs import parse_sbatch
+from ..site import ATTACH_METHODS
 from .model import ACCESS_MODES, DEFAULT_ACCESS_MODE, NAME_RULE, OPERATIONS, TRIGGERS, name_problem
 from .problems import Path, Problems
 
@@ -322,6 +323,8 @@ STEP = vol.Schema(
         vol.Optional("location"): names,
         vol.Required("command"): sbatch_command,
         vol.Optional("services"): sequence,
+        # How the step's job sees its services, among those the site offers (default: the site's).
+        vol.Optional("attach"): choice(*ATTACH_METHODS),
     }
 )
 

@@ -18,7 +18,6 @@ client_bin, service, users  # noqa: F401``); each module then gets its own servi
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import pwd
 import secrets
@@ -30,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.api_service import need_munge, running_service
-from tests.packaging import ROOT, SYSTEM_PYTHON, build_wheel, system_venv
+from tests.packaging import SYSTEM_PYTHON, build_wheel, editable_user_venv, system_venv
 from tests.unix_users import fresh_uid
 
 # What the CLI imports on the client side (cli, manager, store, site, wdf, api.client).
@@ -41,20 +40,10 @@ TIERS = "/var/lib/iosea-wf/local/tiers"
 @pytest.fixture(scope="session")
 def user_venv():
     """bin/ of a venv of Debian's python3 with this checkout installed (editable), runnable by all."""
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.fail(f"{SYSTEM_PYTHON} is missing: install Debian's python3-venv")
-    for part in [ROOT, *ROOT.parents]:
-        if not os.stat(part).st_mode & 0o001:
-            pytest.fail(f"{part} is not traversable by other users: they cannot run this checkout")
-    stamp = hashlib.sha1(f"{ROOT}\n{(ROOT / 'pyproject.toml').read_text()}".encode()).hexdigest()[:12]
-    venv = Path(f"/var/tmp/iosea-wf-user-venv-{stamp}")
-    tool = venv / "bin" / "iosea-wf"
-    if not tool.exists() or subprocess.run([str(tool), "--version"], capture_output=True).returncode:
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
-        pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, "-e", str(ROOT)], check=True, timeout=600, capture_output=True)
-    return venv / "bin"
+    try:
+        return editable_user_venv()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -132,3 +132,104 @@ def test_the_record_of_an_earlier_copy_in_a_source_is_skipped_without_a_word(tmp
     r = run_mover("copy", "--source", first, "--target", second, "*")
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
     assert digests(second) == {"f": digests(first)["f"]}
+
+
+def _adds_up(counts) -> None:
+    """files_done + files_failed + files_left == files_total, none negative (a dict or a result)."""
+    get = counts.get if isinstance(counts, dict) else lambda k: getattr(counts, k)
+    done, failed, left, total = (get(k) for k in ("files_done", "files_failed", "files_left", "files_total"))
+    assert min(done, failed, left) >= 0 and done + failed + left == total, (done, failed, left, total)
+
+
+def test_counters_add_up_when_a_target_directory_cannot_be_made(tmp_path):
+    """A file where the target needs directory d: its two files fail, once each (main counted the
+    directory as a failed file too: 3 failed of 2)."""
+    src, dst, prog = str(tmp_path / "src"), str(tmp_path / "dst"), str(tmp_path / "p.json")
+    write(os.path.join(src, "d", "a"), b"a")
+    write(os.path.join(src, "d", "b"), b"b")
+    write(os.path.join(src, "c"), b"c")
+    write(os.path.join(dst, "d"), b"a file in the way")
+    r = run_mover("copy", "--source", src, "--target", dst, "--progress", prog, "*")
+    assert r.returncode == 1
+    assert "d/: cannot create the target directory" in r.stderr, r.stderr
+    doc = read_progress(prog)
+    _adds_up(doc)
+    assert (doc["files_total"], doc["files_done"], doc["files_failed"], doc["files_left"]) == (3, 1, 2, 0)
+    assert "copy failed: 1/3 files" in r.stderr and "2 failed" in r.stderr
+
+
+def test_every_name_of_a_hard_linked_file_whose_copy_failed_is_told(tmp_path):
+    """The names of one inode are copied once: when that copy fails, each name is an error (main
+    said nothing of the other names, and counted them nowhere)."""
+    from iosea_wf.mover import engine
+
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    write(os.path.join(src, "a"), b"one inode, three names")
+    os.makedirs(os.path.join(src, "d"))
+    os.link(os.path.join(src, "a"), os.path.join(src, "d", "b"))
+    os.link(os.path.join(src, "a"), os.path.join(src, "c"))
+    grown = []
+
+    def grow(_snap, _reporter):  # planned and scanned, nothing copied yet
+        if not grown:
+            with open(os.path.join(src, "a"), "ab") as f:
+                f.write(b" and more")
+            grown.append(True)
+
+    res = engine.transfer("move", src, dst, ["*"], workers=1, on_progress=grow)
+    assert res.exit_code == 1
+    assert sorted(e.split(":")[0] for e in res.errors) == ["a", "c", "d/b"], res.errors
+    _adds_up(res)
+    assert (res.files_done, res.files_failed) == (0, 3)
+    assert sorted(os.listdir(src)) == ["a", "c", "d"] and os.listdir(os.path.join(src, "d")) == ["b"]
+
+
+def test_counters_add_up_when_a_source_found_done_cannot_be_deleted(tmp_path):
+    """A move finds a symlink already at the target (done) but its source directory was swapped
+    for a symlink: it is kept and counted failed, not also done."""
+    from iosea_wf.mover import engine
+
+    src, dst, outside = str(tmp_path / "src"), str(tmp_path / "dst"), str(tmp_path / "outside")
+    write(os.path.join(src, "d", "f"), b"f")
+    os.symlink("f", os.path.join(src, "d", "link"))
+    os.makedirs(outside)
+    assert engine.transfer("copy", src, dst, ["*"]).state == "completed"
+    swapped = []
+
+    def swap(_snap, _reporter):
+        if not swapped:
+            os.rename(os.path.join(src, "d"), os.path.join(src, "d.orig"))
+            os.symlink(outside, os.path.join(src, "d"))
+            swapped.append(True)
+
+    res = engine.transfer("move", src, dst, ["d"], workers=1, on_progress=swap)
+    assert swapped and res.exit_code == 1
+    _adds_up(res)
+    assert (res.files_done, res.files_failed) == (0, 2), res.errors
+    assert sorted(os.listdir(os.path.join(src, "d.orig"))) == ["f", "link"]
+
+
+def test_a_cancelled_run_counts_what_it_left_in_the_progress_file_and_its_last_line(tmp_path):
+    src, dst, prog = str(tmp_path / "src"), str(tmp_path / "dst"), str(tmp_path / "p.json")
+    make_tree(src, n_small=20, big_sizes=(32 * MB,) * 6, seed=5)
+    # --fsync: each large file takes long enough that the signal lands before the last one.
+    args = ["copy", "--fsync", "--workers", "1", "--source", src, "--target", dst, "--progress", prog, "*"]
+    proc = subprocess.Popen([MOVER, *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    # In the middle of the first large file (the largest go first): the others are left.
+    while not any(".iosea-tmp-" in p and ".big" in p for p in leftovers(dst)):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.0005)
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    doc = read_progress(prog)
+    _adds_up(doc)
+    assert doc["state"] == "cancelled" and doc["files_left"] > 0, (doc, err)
+    left = doc["files_left"]
+    assert f"{doc['files_done']}/{doc['files_total']} files done, {left} left" in err, err
+    r = run_mover(*args)
+    assert r.returncode == 0, r.stderr
+    doc = read_progress(prog)
+    _adds_up(doc)
+    assert doc["files_left"] == 0 and doc["files_done"] == doc["files_total"]

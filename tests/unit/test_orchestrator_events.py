@@ -223,3 +223,20 @@ def test_a_submission_that_fails_before_sbatch_is_not_a_slurm_refusal(tmp_path, 
     )
     assert not result.ok and not result.refused_by_slurm
     assert "sbatch refused the job" in result.hosts["localhost"].message  # the role's wording, rc of cd
+
+
+def test_closing_an_ended_playbook_pty_does_not_sleep():
+    """ptyprocess sleeps 0.1 s in close(); ansible-runner closes only ended children (orchestrator)."""
+    import time as _time
+
+    import ptyprocess
+
+    from iosea_wf import orchestrator
+
+    orchestrator._no_delay_after_close()
+    child = ptyprocess.PtyProcess.spawn(["true"])
+    while child.isalive():
+        _time.sleep(0.01)
+    t0 = _time.perf_counter()
+    child.close()
+    assert _time.perf_counter() - t0 < 0.05

@@ -92,3 +92,53 @@ def test_snapshot_round_trip(path):
         again.datanodes[next(iter(site.datanodes))].hostvars
         == site.datanodes[next(iter(site.datanodes))].hostvars
     )
+
+
+def test_local_site_offers_nfs_beside_its_bind_default():
+    local = load_site("inventories/local")
+    assert local.attach == "bind"
+    assert local.attach_methods == ("bind", "nfs", "env")
+
+
+@pytest.mark.parametrize("value", ["nfs4", "", 3, ["nfs"]])
+def test_unknown_attach_method_is_refused_at_load(site_copy, value):
+    _edit(site_copy, lambda d: d.update(iosea_service_attach=value))
+    with pytest.raises(SiteError) as exc:
+        load_site(site_copy)
+    assert "iosea_service_attach: expected one of bind, nfs, env" in "\n".join(exc.value.details)
+
+
+def test_offered_attach_methods_are_checked(site_copy):
+    _edit(site_copy, lambda d: d.update(iosea_service_attach_methods=["bind", "9p"]))
+    with pytest.raises(SiteError) as exc:
+        load_site(site_copy)
+    assert "iosea_service_attach_methods.1: expected one of bind, nfs, env" in "\n".join(exc.value.details)
+
+
+def test_attach_default_must_be_offered(site_copy):
+    _edit(site_copy, lambda d: d.update(iosea_service_attach="nfs", iosea_service_attach_methods=["bind"]))
+    with pytest.raises(SiteError) as exc:
+        load_site(site_copy)
+    assert "iosea_service_attach 'nfs' is not in iosea_service_attach_methods (bind)" in "\n".join(
+        exc.value.details
+    )
+
+
+def test_a_site_without_attach_settings_attaches_by_env(site_copy):
+    _edit(site_copy, lambda d: [d.pop("iosea_service_attach"), d.pop("iosea_service_attach_methods")])
+    site = load_site(site_copy)
+    assert (site.attach, site.attach_methods) == ("env", ("env",))
+
+
+def test_a_run_is_refused_a_method_its_site_snapshot_does_not_offer():
+    from types import SimpleNamespace
+
+    from iosea_wf.steps import attach_method
+
+    data = load_site("inventories/local").to_dict()
+    data["variables"]["iosea_service_attach_methods"] = ["bind"]
+    site = type(load_site("inventories/local")).from_dict(data)
+    assert attach_method(site, SimpleNamespace(name="s", attach=None)) == "bind"
+    with pytest.raises(SiteError) as exc:
+        attach_method(site, SimpleNamespace(name="s", attach="nfs"))
+    assert "step s: attach method 'nfs' is not offered by the site (offered: bind)" in str(exc.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import time
 
 from iosea_wf import store as st
@@ -147,15 +148,16 @@ def test_corrupt_store_is_a_clear_error(tmp_path):
 
 
 def _count_parses(monkeypatch) -> list[int]:
-    """Count how often the store file is parsed."""
+    """Count how often the live store file is parsed."""
     parses = [0]
-    read = st.AtomicJSONStorage.read
+    read = st._read_json
 
-    def counting(self):
-        parses[0] += 1
-        return read(self)
+    def counting(path, *args):
+        if path.name == "iosea-wf.json":
+            parses[0] += 1
+        return read(path, *args)
 
-    monkeypatch.setattr(st.AtomicJSONStorage, "read", counting)
+    monkeypatch.setattr(st, "_read_json", counting)
     return parses
 
 
@@ -172,10 +174,10 @@ def test_a_cached_store_parses_once_while_the_file_is_unchanged(tmp_path, monkey
     for _ in range(3):
         assert cached.sessions_of("alice")[0]["state"] == st.ACTIVE
     assert parses[0] == 1
-    cached.update_session(rec["id"], state=st.STOPPING)  # exclusive: read from the file
-    before = parses[0]
+    # A write of its own is not parsed again: the store holds what it wrote.
+    cached.update_session(rec["id"], state=st.STOPPING)
     assert [cached.sessions_of("alice")[0]["state"] for _ in range(2)] == [st.STOPPING] * 2
-    assert parses[0] == before + 1
+    assert parses[0] == 1
 
 
 def test_a_cached_store_sees_writes_by_another_store_and_another_process(tmp_path):
@@ -205,10 +207,24 @@ def test_a_new_write_generation_alone_invalidates_the_cache(tmp_path, monkeypatc
     parses = _count_parses(monkeypatch)
     cached.sessions_of("alice")
     assert parses[0] == 0
-    with open(cached.lock_path, "a+") as lock:  # what a writer does before its rename
-        st._new_generation(lock.fileno())
+    lock = os.open(cached.lock_path, os.O_RDWR)
+    st._new_generation(lock)  # what a writer does before its rename
+    os.close(lock)
     cached.sessions_of("alice")
     assert parses[0] == 1
+
+
+def test_every_write_puts_a_new_generation_in_place(tmp_path):
+    s = st.Store(tmp_path)
+    rec = _record("s1")
+    with s.transaction() as tx:
+        tx.put_session(rec)
+    seen = set()
+    for state in (st.STOPPING, st.ACTIVE, st.STOPPING):
+        s.update_session(rec["id"], state=state)
+        generation = (tmp_path / "iosea-wf.lock").read_bytes()
+        assert len(generation) == 32 and generation not in seen
+        seen.add(generation)
 
 
 def test_records_from_the_cache_are_copies(tmp_path):
@@ -235,3 +251,46 @@ def test_a_shared_transaction_of_a_cached_store_cannot_write(tmp_path):
     else:
         raise AssertionError("a write in a shared transaction must raise StoreError")
     assert [r["name"] for r in st.Store(tmp_path).sessions_of("alice")] == ["s1"]
+
+
+# --- what a write costs: one record encoded, each site snapshot once ---------------------------
+
+
+def test_the_file_is_what_the_store_holds_after_every_kind_of_write(tmp_path):
+    """Each record's JSON text is kept between writes: a record changed any way is written anew."""
+    s = st.Store(tmp_path)
+    a, b, c = _record("a"), _record("b"), _record("c")
+    with s.transaction() as tx:
+        tx.put_session(a)
+        tx.add_sessions([b])
+    s.update_session(a["id"], state=st.STOPPING)
+    with s.transaction() as tx:  # TinyDB's own update changes the document in place
+        tx.sessions.update({"state": st.STOPPED}, st.Query().id == b["id"])
+    with s.transaction() as tx:
+        tx.put_session(c)
+        tx.sessions.remove(st.Query().id == a["id"])
+    s.update_service(c["id"], "svc", state="LOST")
+    on_disk = json.loads((tmp_path / "iosea-wf.json").read_text())
+    states = {r["name"]: r["state"] for r in on_disk["sessions"].values()}
+    assert states == {"b": st.STOPPED, "c": st.ACTIVE}
+    fresh = {r["name"]: r for r in st.Store(tmp_path).sessions_of("alice")}
+    assert fresh["c"]["services"][0]["state"] == "LOST"
+    assert {r["name"]: r for r in s.sessions_of("alice")} == fresh
+
+
+def test_a_site_snapshot_is_stored_once_and_records_come_out_whole(tmp_path):
+    snapshot = {"path": "/site", "datanodes": {"dn1": {"cores": 32}}, "variables": {"x": [1, 2]}}
+    s = st.Store(tmp_path)
+    with s.transaction() as tx:
+        for name in ("a", "b"):
+            tx.put_session(dict(_record(name), site_snapshot=snapshot))
+    data = json.loads((tmp_path / "iosea-wf.json").read_text())
+    assert list(data["snapshots"].values()) == [snapshot]
+    ref = {"$ref": next(iter(data["snapshots"]))}
+    assert all(r["site_snapshot"] == ref for r in data["sessions"].values())
+    for reader in (s, st.Store(tmp_path)):
+        assert [r["site_snapshot"] for r in reader.sessions_of("alice")] == [snapshot, snapshot]
+    with s.transaction() as tx:  # nobody refers to it any more: it goes
+        for r in tx.sessions.all():
+            tx.put_session(dict(r, site_snapshot=None))
+    assert json.loads((tmp_path / "iosea-wf.json").read_text())["snapshots"] == {}

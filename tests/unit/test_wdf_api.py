@@ -270,3 +270,52 @@ def test_indentation_hint_with_either_yaml_parser(loader):
     (problem,) = problems.found
     assert (problem.line, problem.column) == (5, 5)
     assert "`datamovers:` is probably indented one level too little" in problem.message
+
+
+ATTACHED = """\
+workflow:
+  name: att
+services:
+  - name: svc
+    type: NFS
+    attributes: {{namespace: /tmp, mountpoint: /mnt/att}}
+steps:
+  - name: only
+    command: "sbatch job.sh"
+    attach: {attach}
+    services:
+      - name: svc
+"""
+
+
+def test_a_step_may_choose_an_attach_method_the_site_offers(tmp_path, site):
+    wf = load_wdf(write(tmp_path, ATTACHED.format(attach="nfs")), VARIABLES, site)
+    assert wf.steps["only"].attach == "nfs"
+    assert Workflow.from_dict(json.loads(json.dumps(wf.to_dict()))) == wf
+    plain = MINIMAL.format(type="NFS", attributes="{namespace: /tmp, mountpoint: /m}")
+    assert load_wdf(write(tmp_path, plain), VARIABLES, site).steps["only"].attach is None
+
+
+def test_an_attach_method_the_site_does_not_offer_is_refused(tmp_path, site_copy_offering_bind):
+    (problem,) = problems_of(write(tmp_path, ATTACHED.format(attach="nfs")), site=site_copy_offering_bind)
+    assert problem.path == "steps[0].attach"
+    assert "attach method 'nfs' is not offered by the site" in problem.message
+    assert problem.expected == "one of: bind"
+
+
+def test_an_unknown_attach_method_is_refused_without_a_site(tmp_path):
+    (problem,) = problems_of(write(tmp_path, ATTACHED.format(attach="9p")))
+    assert problem.path == "steps[0].attach" and "bind, nfs, env" in (problem.expected or problem.message)
+
+
+@pytest.fixture
+def site_copy_offering_bind(tmp_path):
+    import shutil
+
+    dst = tmp_path / "site"
+    shutil.copytree("inventories/local", dst)
+    conf = dst / "group_vars" / "all" / "iosea.yml"
+    data = yaml.safe_load(conf.read_text())
+    data["iosea_service_attach_methods"] = ["bind"]
+    conf.write_text(yaml.safe_dump(data))
+    return load_site(dst)
