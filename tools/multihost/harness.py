@@ -443,6 +443,10 @@ def ssh_argv(host: str) -> list[str]:
 
 def up() -> None:
     """Build the whole site's hosts (what exists is kept)."""
+    if not os.path.exists("/usr/sbin/sshd"):
+        # Debian's policy-rc.d refuses to start it: every host starts its own below.
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        run(["apt-get", "install", "-y", "-q", "openssh-server"], env=env, timeout=600)
     STATE.mkdir(parents=True, exist_ok=True)
     os.chmod(STATE, 0o755)
     write_cluster_files()
