@@ -7,7 +7,8 @@ export PATH := $(BIN):$(PATH)
 SITE ?= inventories/local
 ROLES_WITH_MOLECULE := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
 
-.PHONY: help install wheel lint unit test test-site molecule site site-down demo bench clean
+.PHONY: help install wheel lint unit test test-site molecule site site-down demo bench clean \
+  site-multihost site-multihost-down test-multihost molecule-multihost wheelhouse
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,8 +43,8 @@ wheel: install  ## build the iosea-wf wheel the site's Workflow Manager and user
 	@ls $(WHEEL_DIR)/iosea_wf-*.whl
 
 lint: install  ## ruff, yamllint and ansible-lint
-	$(BIN)/ruff check iosea_wf tests bench roles
-	$(BIN)/ruff format --check iosea_wf tests bench roles
+	$(BIN)/ruff check iosea_wf tests bench roles tools
+	$(BIN)/ruff format --check iosea_wf tests bench roles tools
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint -q playbooks roles
 
@@ -56,6 +57,45 @@ site: wheel  ## install and start the local site (munge, Slurm, nfs-ganesha, the
 
 site-down: install  ## stop every daemon of the local site
 	$(BIN)/ansible-playbook -i $(SITE) playbooks/site.yml -e site_action=stop
+
+# The multi-host site: hosts built on this machine by tools/multihost/harness.py (namespaces, each
+# with its own sshd), brought up over SSH by the same playbooks/site.yml. The local site stays up.
+MULTIHOST := inventories/multihost
+HARNESS := $(BIN)/python tools/multihost/harness.py
+MULTIHOST_PLAYBOOK := $(BIN)/ansible-playbook -f 10 -i $(MULTIHOST) playbooks/site.yml
+
+# The site's hosts reach no package index: iosea-wf's dependencies come from a wheelhouse built
+# here (from pip's cache, after the first time), which they see as a software depot.
+WHEELHOUSE := build/wheelhouse
+MULTIHOST_VARS = -e workflow_manager_wheel=$(abspath $(wildcard $(WHEEL_DIR)/iosea_wf-*.whl)) \
+  -e workflow_manager_pip_find_links=$(abspath $(WHEELHOUSE))
+
+wheelhouse: wheel
+	@# pip would take a wheelhouse's older iosea_wf wheel of the same name for the new one.
+	@rm -f $(WHEELHOUSE)/iosea_wf-*.whl
+	@$(BIN)/pip wheel -q --disable-pip-version-check -w $(WHEELHOUSE) $(WHEEL_DIR)/iosea_wf-*.whl 2>&1 \
+	  | grep -v '^WARNING: Location' || true
+
+site-multihost: wheelhouse  ## build the multi-host site's hosts and bring the site up on them over SSH
+	$(HARNESS) up
+	$(MULTIHOST_PLAYBOOK) $(MULTIHOST_VARS)
+
+site-multihost-down: install  ## stop the multi-host site's daemons and take its hosts away
+	@if $(HARNESS) status >/dev/null 2>&1; then $(MULTIHOST_PLAYBOOK) -e site_action=stop || true; fi
+	$(HARNESS) down
+
+molecule-multihost: wheelhouse  ## the whole-site Molecule scenario (molecule/): site.yml on the multi-host site
+	$(HARNESS) up
+	IOSEA_WF_WHEEL=$(abspath $(wildcard $(WHEEL_DIR)/iosea_wf-*.whl)) IOSEA_WF_WHEELHOUSE=$(abspath $(WHEELHOUSE)) \
+	  ANSIBLE_ROLES_PATH=$(abspath roles) $(BIN)/molecule test -s default
+
+# Brings the multi-host site up, runs its suite and its Molecule scenario, and takes it away
+# (KEEP_MULTIHOST=1 leaves it up), keeping the tests' exit status.
+test-multihost: site-multihost  ## bring the multi-host site up, run tests/multihost and molecule/, take it down
+	@rc=0; IOSEA_WF_SITE=$(abspath $(MULTIHOST)) IOSEA_WF_REQUIRE_SITE=1 $(BIN)/pytest -q --durations=10 \
+	  -p no:cacheprovider tests/multihost || rc=$$?; \
+	[ $$rc = 0 ] && { $(MAKE) --no-print-directory molecule-multihost || rc=$$?; }; \
+	[ -n "$(KEEP_MULTIHOST)" ] || $(MAKE) --no-print-directory site-multihost-down; exit $$rc
 
 molecule: wheel  ## every role's Molecule scenario
 	@export IOSEA_WF_WHEEL=$(abspath $(wildcard $(WHEEL_DIR)/iosea_wf-*.whl)); for role in $(ROLES_WITH_MOLECULE); do \

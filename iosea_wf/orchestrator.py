@@ -278,7 +278,6 @@ def run_playbook(
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
         "ANSIBLE_ROLES_PATH": str(ROLES_DIR),
         "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_HOST_KEY_CHECKING": "False",
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
     }
     # A warm ansible-playbook (iosea_wf/warm_playbook.py) saves its ~0.4 s of start-up on every
