@@ -1,7 +1,7 @@
 """The local site's own Workflow Manager service, as `make site` leaves it (role workflow_manager).
 
 Every user reaches it with the site's installed CLI and no settings at all (the packaged local
-inventory names it); root is a user like any other through it; it runs this checkout's code.
+inventory names it); it runs as its own account (iosea-wf), never root, and this checkout's code.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,10 @@ def test_it_runs_this_checkouts_code(site_service):
             f"the site's service runs another {module} than this checkout's: run `make site`"
         )
     assert SITE_CLI.resolve() == PREFIX / "bin" / "iosea-wf"
+
+
+def test_it_runs_as_its_own_account_never_root(site_service):
+    status = Path(f"/proc/{site_service}/status").read_text()
+    uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+    account = pwd.getpwnam("iosea-wf")
+    assert uids == [str(account.pw_uid)] * 4, f"the site's service runs as uid(s) {uids}"
