@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -193,35 +194,8 @@ def check_directives(directives: list[str], script: str) -> None:
     Each line is read as sbatch reads it: long options by unambiguous prefix, short options in
     clusters (``-QW`` is ``--quiet --wait``), a value taken from the rest of its word or the next.
     """
-    for line in directives:
-        try:
-            words = shlex.split(line[len("#SBATCH") :], comments=True)
-        except ValueError:
-            continue  # sbatch reports its own directives' syntax
-        i = 0
-        while i < len(words):
-            w = words[i]
-            i += 1
-            if not w.startswith("-") or w == "-":
-                continue
-            if w.startswith("--"):
-                given, eq, _ = w[2:].partition("=")
-                try:
-                    name = _resolve(given, line)
-                except UsageError:
-                    continue  # not ours to judge: sbatch says what is wrong with it
-                _refuse_in_script(name, w, line, script)
-                if SBATCH_OPTIONS[name] == "required" and not eq:
-                    i += 1
-                continue
-            for j, letter in enumerate(w[1:], start=2):
-                if letter not in SBATCH_SHORT:
-                    break  # sbatch refuses the line itself
-                _refuse_in_script(SBATCH_SHORT[letter], w, line, script)
-                if letter in _SHORT_WITH_VALUE:
-                    if j >= len(w):  # no value left in the word: it is the next one
-                        i += 1
-                    break
+    for name, _value, spelled, line in _read_directives(directives):
+        _refuse_in_script(name, spelled, line, script)
 
 
 def script_directives(text: str) -> list[str]:
@@ -230,8 +204,19 @@ def script_directives(text: str) -> list[str]:
     For a job submitted through slurmrestd, which does not read them (iosea_wf.slurm): the same
     reading as :func:`check_directives` (prefixes, short clusters, values in the next word).
     """
-    found: list[str] = []
-    for line in _directive_lines(text.splitlines()):
+    return [
+        f"--{name}={value}" if value is not None else f"--{name}"
+        for name, value, _spelled, _line in _read_directives(_directive_lines(text.splitlines()))
+    ]
+
+
+def _read_directives(directives: list[str]) -> Iterator[tuple[str, str | None, str, str]]:
+    """(option's full name, its value or None, the word that gave it, the line) of #SBATCH lines.
+
+    Read as sbatch reads them; what sbatch itself refuses (bad quoting, an unknown or ambiguous
+    option) is skipped: sbatch says what is wrong with it.
+    """
+    for line in directives:
         try:
             words = shlex.split(line[len("#SBATCH") :], comments=True)
         except ValueError:
@@ -248,10 +233,10 @@ def script_directives(text: str) -> list[str]:
                     name = _resolve(given, line)
                 except UsageError:
                     continue
-                if SBATCH_OPTIONS[name] == "required" and not eq and i < len(words):
-                    value, eq = words[i], "="
+                if SBATCH_OPTIONS[name] == "required" and not eq:
+                    value, eq = (words[i], "=") if i < len(words) else ("", "")
                     i += 1
-                found.append(f"--{name}={value}" if eq else f"--{name}")
+                yield name, (value if eq else None), w, line
                 continue
             for j, letter in enumerate(w[1:], start=2):
                 if letter not in SBATCH_SHORT:
@@ -259,13 +244,15 @@ def script_directives(text: str) -> list[str]:
                 name = SBATCH_SHORT[letter]
                 if letter in _SHORT_WITH_VALUE:
                     if j < len(w):
-                        found.append(f"--{name}={w[j:]}")
-                    elif i < len(words):
-                        found.append(f"--{name}={words[i]}")
+                        yield name, w[j:], w, line
+                    else:  # no value left in the word: it is the next one
+                        if i < len(words):
+                            yield name, words[i], w, line
+                        else:
+                            yield name, None, w, line
                         i += 1
                     break
-                found.append(f"--{name}")
-    return found
+                yield name, None, w, line
 
 
 def _directive_lines(lines) -> list[str]:
