@@ -105,18 +105,7 @@ def open_dir(root_fd: int, rel: str) -> int:
             fd = None  # a symlink as the last component says ENOTDIR: the walk below tells which
         if fd is not None:
             return fd
-    cur = root_fd
-    try:
-        for i, name in enumerate(comps):
-            nxt = _open_component(cur, name, "/".join(comps[: i + 1]))
-            if cur != root_fd:
-                os.close(cur)
-            cur = nxt
-    except BaseException:
-        if cur != root_fd:
-            os.close(cur)
-        raise
-    return cur
+    return _walk(root_fd, comps, create=False)
 
 
 def make_dirs(root_fd: int, rel: str) -> int:
@@ -125,12 +114,17 @@ def make_dirs(root_fd: int, rel: str) -> int:
         return open_dir(root_fd, rel)
     except FileNotFoundError:
         pass
+    return _walk(root_fd, _components(rel), create=True)
+
+
+def _walk(root_fd: int, comps: list[str], create: bool) -> int:
+    """Open ``comps`` one component at a time beneath ``root_fd`` (made first when ``create``)."""
     cur = root_fd
     try:
-        comps = _components(rel)
         for i, name in enumerate(comps):
-            with contextlib.suppress(FileExistsError):  # another worker or mover made it meanwhile
-                os.mkdir(name, 0o777, dir_fd=cur)
+            if create:
+                with contextlib.suppress(FileExistsError):  # another worker or mover made it meanwhile
+                    os.mkdir(name, 0o777, dir_fd=cur)
             nxt = _open_component(cur, name, "/".join(comps[: i + 1]))
             if cur != root_fd:
                 os.close(cur)
