@@ -107,7 +107,8 @@ test: install lint site molecule  ## lint, bring the local site up, run the whol
 	@# Coverage is of the test processes only (the in-process CLI calls most tests make); the
 	@# iosea-wf processes some tests spawn, and Slurm jobs, are not measured. The 20 slowest tests
 	@# are listed, to keep the whole target well under 20 minutes.
-	IOSEA_WF_REQUIRE_SITE=1 $(BIN)/pytest -q --durations=20 --cov=iosea_wf --cov-report=term tests
+	IOSEA_WF_REQUIRE_SITE=1 $(BIN)/pytest -q --durations=20 --cov=iosea_wf --cov-report=term tests \
+	  --ignore=tests/multihost
 
 demo: install site  ## bring the local site up and run the example workflow end to end
 	bash examples/demo.sh

@@ -84,7 +84,13 @@ def test_each_service_holds_an_allocation_of_its_flavor_until_stop(tmp_path, ios
         assert set(slurm_jobs("alloc-held")) == {s["allocation"] for s in services}
     finally:
         assert iosea_proc("stop", "SESSION=alloc-held").returncode == 0
-    states = slurm.job_states([s["allocation"] for s in services])
+    # Cancelled by stop; a job may still be COMPLETING for a moment (its node ends it).
+    deadline = time.monotonic() + 10
+    while True:
+        states = slurm.job_states([s["allocation"] for s in services])
+        if all(js.state != "COMPLETING" for js in states.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert {js.state for js in states.values()} == {"CANCELLED"}, states
     assert_nothing_left(iosea_proc, "alloc-held")
 

@@ -73,8 +73,12 @@ def site():
 
 
 @pytest.fixture(scope="module")
-def cli(site, tmp_path_factory):
-    """Run ``iosea-wf validate`` in-process (the site loaded once); None without a CLI."""
+def cli(site, tmp_path_factory, inprocess_site):
+    """Run ``iosea-wf validate`` in-process (the site loaded once); None without a CLI.
+
+    In-process for real: the local inventory names the site's service, which acts for users, never
+    for root; the twin of the site that names none keeps the CLI here.
+    """
     if not HAS_CLI:
         yield None
         return
@@ -83,6 +87,8 @@ def cli(site, tmp_path_factory):
     state = tmp_path_factory.mktemp("wdf-cli-state")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("iosea_wf.manager.load_site", lambda *_args, **_kwargs: site)
+        patch.setenv("IOSEA_WF_SITE", str(inprocess_site))
+        patch.delenv("IOSEA_WF_URL", raising=False)
 
         def validate(path: Path) -> int:
             argv = ["validate", f"WORKFLOW={path}", f"NS1={VARIABLES['NS1']}", f"NS2={VARIABLES['NS2']}"]
