@@ -183,9 +183,11 @@ def asked(rc: int, output: str) -> bool | None:
     """Whether the service got the client's request: True, False, or None when nobody can tell."""
     if rc == 0 or SENT in output or "keeps running in Slurm" in output:
         return True
-    if rc == 128 + signal.SIGINT and "nothing was" in output:
+    # The client's own words before it sent anything, or the CLI's before it even loaded; never the
+    # CLI's "nothing was left half done", also said of a command cut once its request was answered.
+    if rc == 128 + signal.SIGINT and ("nothing was sent" in output or ": nothing was done" in output):
         return False
-    return None  # killed (-9), or cut while it sent
+    return None  # killed (-9), cut while it sent, or cut after the answer
 
 
 def snapshot() -> tuple[dict[str, str], list[str]]:
