@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import hashlib
 import json
 import os
 import pwd
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from iosea_wf import slurm  # noqa: E402
 from iosea_wf import store as st  # noqa: E402
 from tests.api_service import need_munge, running_service  # noqa: E402
+from tests.packaging import editable_user_venv  # noqa: E402
 from tests.unix_users import fresh_uid  # noqa: E402
 
 USERS = int(os.environ.get("SCALE_USERS", "20"))
@@ -54,7 +54,6 @@ CONCURRENCY = int(os.environ.get("SCALE_CONCURRENCY", "4"))
 RECORDED = int(os.environ.get("SCALE_RECORDED", "10000"))
 SAMPLES = int(os.environ.get("SCALE_SAMPLES", "30"))
 DRAIN_S = float(os.environ.get("SCALE_DRAIN_S", "900"))
-SYSTEM_PYTHON = "/usr/bin/python3"
 TIERS = "/var/lib/iosea-wf/local/tiers"
 DAY = 86400.0
 
@@ -97,22 +96,6 @@ for _ in range(int(sys.argv[3])):
     took.append(time.perf_counter() - t0)
 print(json.dumps(took))
 """
-
-
-def user_venv() -> Path:
-    """bin/ of a venv of Debian's python3 with this checkout installed (editable), runnable by all.
-
-    The same one tests/integration/service_users.py makes (kept in /var/tmp across runs).
-    """
-    stamp = hashlib.sha1(f"{ROOT}\n{(ROOT / 'pyproject.toml').read_text()}".encode()).hexdigest()[:12]
-    venv = Path(f"/var/tmp/iosea-wf-user-venv-{stamp}")
-    tool = venv / "bin" / "iosea-wf"
-    if not tool.exists() or subprocess.run([str(tool), "--version"], capture_output=True).returncode:
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
-        pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, "-e", str(ROOT)], check=True, timeout=600, capture_output=True)
-    return venv / "bin"
 
 
 class Bench:
@@ -309,7 +292,7 @@ def main() -> None:
     need_munge()
     if not slurm.controller_up():
         raise SystemExit("slurmctld does not answer (`make site`)")
-    bin_dir = user_venv()
+    bin_dir = editable_user_venv()
     folder = Path(tempfile.mkdtemp(prefix="iosea-wf-scale-", dir="/tmp"))
     folder.chmod(0o755)
     sock, state = folder / "wm.sock", folder / "state"
