@@ -28,6 +28,7 @@ LOCAL_SITE = DATA_DIR / "inventories" / "local"
 # Group names the inventory must use (named after what runs there, as in stackhpc's appliance).
 DATANODES_GROUP = "datanodes"
 COMPUTE_GROUP = "compute"
+WM_GROUP = "workflow_manager"
 
 # How a job sees its services (iosea_service_attach): `bind` binds each namespace at its mountpoint
 # in the job's private mount namespace, `nfs` mounts each service's export there through the
@@ -561,6 +562,13 @@ def _site(
     for datanode in datanodes.values():
         if datanode.address not in clients:
             clients.append(datanode.address)
+    for host in groups.get(WM_GROUP, []):
+        # The Workflow Manager lists each server's exports to see they are served (`status`): a
+        # host the exports do not admit sees none of them and would call every service LOST.
+        address = hostvars.get(host, {}).get("iosea_node_address") or host
+        address = "127.0.0.1" if address == "localhost" else address
+        if address not in clients:
+            clients.append(address)
     if "iosea_nfs_clients" in v:
         # A site may name its networks instead (e.g. [10.20.0.0/16]): fewer entries, same rule.
         clients = list(v["iosea_nfs_clients"])

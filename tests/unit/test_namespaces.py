@@ -93,8 +93,10 @@ def test_the_site_declares_resolved_namespace_roots(site):
 def test_nfs_clients_are_the_sites_nodes(tmp_path, site):
     assert site.nfs_clients == ("127.0.0.1",)
     example = load_site(Path(LOCAL_SITE).parent / "example")
-    assert len(example.nfs_clients) == 128 + 16 + 4
-    assert example.nfs_clients[0] == "cpu001.example.org" and example.nfs_clients[-1] == "10.20.0.14"
+    # The compute nodes, the datanodes, and the Workflow Manager's host (it lists the exports).
+    assert len(example.nfs_clients) == 128 + 16 + 4 + 1
+    assert example.nfs_clients[0] == "cpu001.example.org" and example.nfs_clients[-2] == "10.20.0.14"
+    assert example.nfs_clients[-1] == "mgmt01.example.org"
     copy = tmp_path / "site"
     shutil.copytree(LOCAL_SITE, copy)
     conf = copy / "group_vars" / "all" / "iosea.yml"
