@@ -49,6 +49,7 @@ hostname > b.host
 id -u > b.uid
 cat "$ES2/input/params.txt" > b.read
 echo "result of $SLURM_JOB_ID" > "$ES2/out.txt"
+stat --file-system --format=%T "$ES2" > b.fstype
 """
 
 
@@ -120,6 +121,10 @@ def test_the_design_notes_workflow_across_hosts(alice, cli):
     assert (work / "b.uid").read_text().strip() == str(alice.pw_uid)
     assert (work / "b.read").read_text() == "params of step B\n"
     assert (ns2 / "out.txt").read_text() == f"result of {step['job_id']}\n"
+    # The site attaches by `nfs`: the step saw its service through the FUSE NFS client, and what it
+    # wrote through the datanode's ganesha landed in the namespace as alice's.
+    assert (work / "b.fstype").read_text().strip().startswith("fuse"), (work / "b.fstype").read_text()
+    assert (ns2 / "out.txt").stat().st_uid == alice.pw_uid
     flash = Path(step["datamovers"][0]["target_path"])
     assert (flash / "input" / "params.txt").read_text() == "params of step B\n"
 
