@@ -1077,7 +1077,6 @@ def run(ctx: Context, session: str | None, step: str | None, cwd: str | None = N
         raise SessionConflict(
             f"session {record['name']!r} is {record['state']}, not ACTIVE: cannot run a step"
         )
-    steps.require_answering_services(record, steps.services_of_step(record, step), f"run step {step}")
     return steps.view(steps.submit(ctx, record, step, cwd))
 
 
@@ -1112,10 +1111,9 @@ def access(
     record = find_session(ctx, session, sharing.READ, "access")
     if record["state"] != st.ACTIVE:
         raise SessionConflict(f"session {record['name']!r} is {record['state']}, not ACTIVE: no access")
-    from .steps import require_active_services, require_answering_services
+    from .steps import require_active_services
 
     require_active_services(record, record["services"], "open an access")
-    require_answering_services(record, record["services"], "open an access")
     # A read-only share mounts every service read-only, whatever the WDF says.
     record = dict(record, shared_mode=sharing.mode_for(record, ctx.user))
     return interactive.open_allocation(

@@ -133,30 +133,6 @@ def require_active_services(session: dict[str, Any], services: list[dict[str, An
         )
 
 
-def require_answering_services(session: dict[str, Any], services: list[dict[str, Any]], doing: str) -> None:
-    """Refuse (SessionConflict) when a service the command would attach does not answer now.
-
-    What `status` shows LOST (a datanode cut off, its NFS server gone) is refused before anything
-    is recorded or submitted, with why: one bounded probe per server (a few milliseconds each).
-    """
-    from . import service_types
-
-    active = [s for s in services if s.get("state") == "ACTIVE"]
-    lost = service_types.lost(active) if active else {}
-    gone = [{**s, "state": "LOST", "error": lost[s["name"]]} for s in active if s["name"] in lost]
-    require_active_services(session, gone, doing)
-
-
-def services_of_step(session: dict[str, Any], step: str) -> list[dict[str, Any]]:
-    """The session's services a step attaches ([] for a step its WDF does not have: plan_run says so)."""
-    from .wdf import Workflow
-
-    if not session.get("services"):
-        return []
-    step_def = Workflow.from_dict(session["wdf"]).steps.get(step)
-    return _attached_services(session, step_def) if step_def is not None else []
-
-
 def tier_dir(session: dict[str, Any]) -> str:
     """The session's directory on a tier: its name, then the start of its id (a reused name never meets)."""
     return f"{session['name']}.{session['id'][:12]}"
