@@ -552,23 +552,22 @@ def _site(
         if not os.path.isabs(spec["path"]):
             problems.append(f"tier {name!r} path must be absolute, got {spec['path']!r}")
         tiers[name] = Tier(name=name, path=spec["path"], tool=spec["tool"])
-    clients: list[str] = []
+
+    def node_address(host: str) -> str:
+        # A node is reached at iosea_node_address, else by its inventory name.
+        return hostvars.get(host, {}).get("iosea_node_address") or host
+
     compute_hosts = groups.get(COMPUTE_GROUP, []) + [h for m in modules.values() for h in m.nodes]
-    for host in compute_hosts:
-        # A compute node is reached at iosea_node_address, else by its inventory name.
-        address = hostvars.get(host, {}).get("iosea_node_address") or host
-        if address not in clients:
-            clients.append(address)
-    for datanode in datanodes.values():
-        if datanode.address not in clients:
-            clients.append(datanode.address)
-    for host in groups.get(WM_GROUP, []):
-        # The Workflow Manager lists each server's exports to see they are served (`status`): a
-        # host the exports do not admit sees none of them and would call every service LOST.
-        address = hostvars.get(host, {}).get("iosea_node_address") or host
-        address = "127.0.0.1" if address == "localhost" else address
-        if address not in clients:
-            clients.append(address)
+    # The Workflow Manager lists each server's exports to see they are served (`status`): a host
+    # the exports do not admit sees none of them and would call every service LOST.
+    wm_addresses = [node_address(h) for h in groups.get(WM_GROUP, [])]
+    clients = list(
+        dict.fromkeys(
+            [node_address(h) for h in compute_hosts]
+            + [d.address for d in datanodes.values()]
+            + ["127.0.0.1" if a == "localhost" else a for a in wm_addresses]
+        )
+    )
     if "iosea_nfs_clients" in v:
         # A site may name its networks instead (e.g. [10.20.0.0/16]): fewer entries, same rule.
         clients = list(v["iosea_nfs_clients"])
